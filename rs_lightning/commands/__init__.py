@@ -1,0 +1,1 @@
+"""Subcommands of `rs` that are ours (not LightningCLI): each module exposes `main(argv) -> int`."""

@@ -1,0 +1,182 @@
+"""`interpolate`: the soup engine's public entry point (validation, then dispatch to an implementation).
+
+theta = sum_i w_i theta_i over state dicts, written into fresh tensors or IN PLACE into existing ones
+(a live model's parameters), so a front sweep never saves and reloads a model per point.
+
+Rules (see README "Weight convention"):
+- weights are aligned with `sources`; by default on the simplex (>= 0, sum 1 within 1e-6); with
+  `allow_extrapolation=True` negative weights are allowed but the sum must still be 1.
+- floating tensors: sum accumulated in fp32 (fp64 for fp64 inputs) and rounded once to the dtype.
+  Sources with weight exactly 0 are skipped (0 * inf would poison the soup), so one-hot weights copy that
+  source bit for bit, for every dtype.
+- non-floating tensors (e.g. BatchNorm's `num_batches_tracked`, integer buffers) cannot be averaged: when
+  identical across sources they are copied; otherwise the one from the source with the largest weight
+  (the first such source on ties) is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rs_lightning.soup import torch_impl
+from rs_lightning.soup.errors import SoupError
+from rs_lightning.soup.weights import validate_weights
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def _as_state_dict(obj, what: str) -> Mapping[str, Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        return obj
+    raise SoupError(f"{what} must be a state dict (name -> tensor) or an nn.Module, got {type(obj).__name__}")
+
+
+def check_compatible(sources: Sequence[Mapping[str, Tensor]]) -> list[str]:
+    """Check that all sources have the same keys, shapes and dtypes; return the keys in source 0's order.
+
+    Raises:
+        SoupError: naming the first offending key and the source index.
+    """
+    if len(sources) == 0:
+        raise SoupError("no sources given: a soup needs at least one state dict")
+    ref = sources[0]
+    keys = list(ref.keys())
+    for i, src in enumerate(sources[1:], start=1):
+        for key in keys:
+            if key not in src:
+                raise SoupError(f"key '{key}' of source 0 is missing from source {i}")
+        if len(src) != len(keys):
+            extra = next(k for k in src.keys() if k not in ref)
+            raise SoupError(f"key '{extra}' of source {i} is missing from source 0")
+        for key in keys:
+            a, b = ref[key], src[key]
+            if not isinstance(b, Tensor):
+                raise SoupError(f"key '{key}' of source {i} is a {type(b).__name__}, not a tensor")
+            if a.shape != b.shape:
+                raise SoupError(
+                    f"key '{key}': source {i} has shape {tuple(b.shape)}, source 0 has {tuple(a.shape)}"
+                )
+            if a.dtype != b.dtype:
+                raise SoupError(f"key '{key}': source {i} has dtype {b.dtype}, source 0 has {a.dtype}")
+    for key in keys:
+        if not isinstance(ref[key], Tensor):
+            raise SoupError(f"key '{key}' of source 0 is a {type(ref[key]).__name__}, not a tensor")
+    return keys
+
+
+def _check_out(out: Mapping[str, Tensor], ref: Mapping[str, Tensor], keys: list[str]) -> None:
+    for key in keys:
+        if key not in out:
+            raise SoupError(f"key '{key}' of the sources is missing from `out`")
+        o, s = out[key], ref[key]
+        if o.shape != s.shape:
+            raise SoupError(f"key '{key}': `out` has shape {tuple(o.shape)}, the sources have {tuple(s.shape)}")
+        if o.dtype != s.dtype:
+            raise SoupError(f"key '{key}': `out` has dtype {o.dtype}, the sources have {s.dtype}")
+
+
+def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype):
+    if impl not in IMPLS:
+        raise SoupError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch" or dtype == torch.float64 or (impl == "auto" and device.type != "cuda"):
+        return torch_impl.weighted_sum_
+    try:
+        from rs_lightning.soup import triton_impl
+    except ImportError as err:
+        if impl == "triton":
+            raise SoupError(f"impl='triton' requested but triton cannot be imported: {err}") from err
+        return torch_impl.weighted_sum_
+    usable = triton_impl.is_available() and (device.type == "cuda" or impl == "triton")
+    if impl == "triton" and not usable:
+        raise SoupError(
+            "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors, for testing)"
+        )
+    return triton_impl.weighted_sum_ if usable else torch_impl.weighted_sum_
+
+
+def interpolate(
+    sources: Sequence[Mapping[str, Tensor] | nn.Module],
+    weights: Sequence[float],
+    *,
+    out: Mapping[str, Tensor] | nn.Module | None = None,
+    allow_extrapolation: bool = False,
+    impl: str = "auto",
+) -> dict[str, Tensor]:
+    """Weight-space interpolation theta = sum_i weights[i] * sources[i].
+
+    Args:
+        sources: K state dicts (or modules) with identical keys, shapes and dtypes.
+        weights: K floats aligned with `sources`; on the simplex unless `allow_extrapolation`.
+        out: where to write: a mapping of existing tensors (e.g. `model.state_dict()`) or an nn.Module,
+            written in place; it may alias one of the sources and may hold extra keys (left untouched).
+            None allocates fresh tensors.
+        allow_extrapolation: allow negative weights (their sum must still be 1).
+        impl: "torch", "triton" or "auto" (Triton for CUDA tensors when triton imports).
+
+    Returns:
+        name -> tensor for every source key: the tensors of `out` that were written, or new tensors.
+
+    Raises:
+        SoupError: incompatible sources or `out`, bad weights, or an unusable `impl`.
+    """
+    srcs = [_as_state_dict(s, f"source {i}") for i, s in enumerate(sources)]
+    keys = check_compatible(srcs)
+    ws = validate_weights(weights, len(srcs), allow_extrapolation=allow_extrapolation)
+    if impl not in IMPLS:
+        raise SoupError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if out is None:
+        target = {k: torch.empty_like(srcs[0][k]) for k in keys}
+    else:
+        target = _as_state_dict(out, "out")
+        _check_out(target, srcs[0], keys)
+    result = {k: target[k] for k in keys}
+
+    live = [i for i, w in enumerate(ws) if w != 0.0]
+    heaviest = max(range(len(ws)), key=lambda i: (ws[i], -i))
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    seen_storage: set[tuple] = set()
+    for key in keys:
+        o = result[key]
+        # Tied weights appear under two names with one storage: write it once, or a write through the
+        # first name would corrupt a source that aliases `out` before the second name reads it.
+        ident = (o.device, o.data_ptr(), tuple(o.shape), tuple(o.stride()), o.dtype) if o.numel() else None
+        if ident is not None and ident in seen_storage:
+            continue
+        if ident is not None:
+            seen_storage.add(ident)
+        if not o.is_floating_point():
+            _copy_non_floating(o, [s[key] for s in srcs], heaviest)
+        elif len(live) == 1:
+            x = srcs[live[0]][key]
+            if x is not o:
+                o.copy_(x)
+        else:
+            groups.setdefault((o.device, o.dtype), []).append(key)
+
+    with torch.no_grad():
+        for (device, dtype), gkeys in groups.items():
+            fn = _pick_impl(impl, device, dtype)
+            outs = [result[k] for k in gkeys]
+            per_source = [[srcs[i][k] for k in gkeys] for i in live]
+            if any(x.device != device for xs in per_source for x in xs):
+                # Sources elsewhere (e.g. experts on CPU, model on GPU): move one tensor at a time so the
+                # temporaries stay the size of a tensor, not of K models.
+                for j, o in enumerate(outs):
+                    fn([o], [[xs[j].to(device, non_blocking=True)] for xs in per_source], [ws[i] for i in live])
+            else:
+                fn(outs, per_source, [ws[i] for i in live])
+    return result
+
+
+def _copy_non_floating(o: Tensor, xs: list[Tensor], heaviest: int) -> None:
+    first = xs[0]
+    same = all(x.device == first.device and torch.equal(x, first) for x in xs[1:])
+    chosen = first if same else xs[heaviest]
+    if chosen is not o:
+        with torch.no_grad():
+            o.copy_(chosen)

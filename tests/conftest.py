@@ -1,0 +1,28 @@
+"""Test-session setup: CPU-only, offline, Triton in interpreter mode; skip `gpu`/`java` tests without them.
+
+The environment variables are set here, before any test module imports triton kernels, because
+`TRITON_INTERPRET` is read when `@triton.jit` decorates a function.
+"""
+
+import os
+import shutil
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    has_java = shutil.which("java") is not None
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_java = pytest.mark.skip(reason="needs a Java runtime")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "java" in item.keywords and not has_java:
+            item.add_marker(skip_java)
