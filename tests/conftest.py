@@ -1,4 +1,4 @@
-"""Test-session setup: CPU-only, offline, Triton in interpreter mode; skip `gpu`/`java` tests without them.
+"""Test-session setup: offline, Triton in interpreter mode without a GPU; skip `gpu`/`java` tests without them.
 
 The environment variables are set here, before any test module imports triton kernels, because
 `TRITON_INTERPRET` is read when `@triton.jit` decorates a function.
@@ -7,13 +7,16 @@ The environment variables are set here, before any test module imports triton ke
 import os
 import shutil
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # No GPU: run Triton kernels in the interpreter on CPU tensors. On a GPU box they run compiled.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -202,3 +202,25 @@ def test_sum_tolerance_is_1e_6():
     interpolate([a, b], [0.5, 0.5 + 5e-7])
     with pytest.raises(SoupError):
         interpolate([a, b], [0.5, 0.5 + 5e-6])
+
+
+def test_triton_dispatch_matches_torch_path():
+    pytest.importorskip("triton")
+    from rs_lightning.soup import triton_impl
+
+    if not triton_impl.supports(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 for CPU tensors")
+    shapes = [(), (7,), (3, 5), (1000,)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        sources = [random_state(i, dtype, shapes) for i in range(3)]
+        weights = [0.2, 0.3, 0.5]
+        got = interpolate(sources, weights, impl="triton")
+        ref = interpolate(sources, weights, impl="torch")
+        for key in ref:
+            # The interpreter truncates fp32 -> bf16 (the GPU rounds): one bf16 ulp apart at most.
+            tol = 2**-7 if dtype == torch.bfloat16 else torch.finfo(dtype).eps
+            torch.testing.assert_close(got[key].float(), ref[key].float(), rtol=tol, atol=tol)
+        assert_close_to_reference(got, sources, weights)
+    sources = [random_state(i, torch.float32, shapes) for i in range(triton_impl.MAX_K + 1)]
+    with pytest.raises(SoupError, match="impl='triton' cannot take"):
+        interpolate(sources, [1.0 / len(sources)] * len(sources), impl="triton")

@@ -80,9 +80,8 @@ def _check_out(out: Mapping[str, Tensor], ref: Mapping[str, Tensor], keys: list[
             raise SoupError(f"key '{key}': `out` has dtype {o.dtype}, the sources have {s.dtype}")
 
 
-def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype):
-    if impl not in IMPLS:
-        raise SoupError(f"impl must be one of {IMPLS}, got {impl!r}")
+def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype, k: int):
+    """The weighted-sum function for one (device, dtype) group of tensors."""
     if impl == "torch" or dtype == torch.float64 or (impl == "auto" and device.type != "cuda"):
         return torch_impl.weighted_sum_
     try:
@@ -91,10 +90,11 @@ def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype):
         if impl == "triton":
             raise SoupError(f"impl='triton' requested but triton cannot be imported: {err}") from err
         return torch_impl.weighted_sum_
-    usable = triton_impl.is_available() and (device.type == "cuda" or impl == "triton")
+    usable = triton_impl.supports(device) and k <= triton_impl.MAX_K
     if impl == "triton" and not usable:
         raise SoupError(
-            "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors, for testing)"
+            f"impl='triton' cannot take {device.type} tensors with K={k} here: the compiled kernel needs CUDA "
+            f"tensors, the interpreter (TRITON_INTERPRET=1, for tests) CPU tensors; K <= {triton_impl.MAX_K}"
         )
     return triton_impl.weighted_sum_ if usable else torch_impl.weighted_sum_
 
@@ -160,7 +160,7 @@ def interpolate(
 
     with torch.no_grad():
         for (device, dtype), gkeys in groups.items():
-            fn = _pick_impl(impl, device, dtype)
+            fn = _pick_impl(impl, device, dtype, len(live))
             outs = [result[k] for k in gkeys]
             per_source = [[srcs[i][k] for k in gkeys] for i in live]
             if any(x.device != device for xs in per_source for x in xs):

@@ -48,8 +48,8 @@ def weighted_sum_(outs: list[Tensor], sources: list[list[Tensor]], weights: list
         for n, j in enumerate(idx):
             total += outs[j].numel()
             if total >= PACK_LIMIT or n == len(idx) - 1:
-                _sum_packed([outs[i] for i in idx[start : n + 1]], [[s[i] for i in idx[start : n + 1]] for s in sources],
-                            weights, acc_dtype)
+                part = idx[start : n + 1]
+                _sum_packed([outs[i] for i in part], [[s[i] for i in part] for s in sources], weights, acc_dtype)
                 start, total = n + 1, 0
 
 
