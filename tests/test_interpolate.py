@@ -82,16 +82,19 @@ def test_extrapolation_needs_the_flag_and_then_is_exact():
     assert_close_to_reference(result, [a, b], [-0.5, 1.5])
 
 
+@pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [0.25, 0.75]])
 @pytest.mark.parametrize("alias", [0, 1, 2])
-def test_out_may_alias_a_source(alias):
-    sources = [random_state(i) for i in range(3)]
-    expected = {k: reference(sources, [0.2, 0.3, 0.5], k) for k in sources[0]}
-    originals = [{k: v.clone() for k, v in s.items()} for s in sources]
-    result = interpolate(sources, [0.2, 0.3, 0.5], out=sources[alias])
+def test_out_may_alias_a_source(alias, weights):
+    k = len(weights)
+    alias = min(alias, k - 1)
+    sources = [random_state(i) for i in range(k)]
+    expected = {key: reference(sources, weights, key) for key in sources[0]}
+    originals = [{key: v.clone() for key, v in s.items()} for s in sources]
+    result = interpolate(sources, weights, out=sources[alias])
     for key in expected:
         assert result[key] is sources[alias][key]
         torch.testing.assert_close(result[key], expected[key], rtol=1e-6, atol=1e-6)
-    for i in range(3):
+    for i in range(k):
         if i != alias:
             for key in sources[i]:
                 assert torch.equal(sources[i][key], originals[i][key])
