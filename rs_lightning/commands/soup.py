@@ -1,0 +1,178 @@
+"""`rs soup`: interpolate N checkpoints or N LoRA adapters into one, theta = sum_i w_i theta_i.
+
+Full weights (safetensors files or HF folders, Lightning .ckpt, torch .pt/.bin) are merged out of core by
+`rs_lightning.soup.io.merge_files`; PEFT adapter folders become one adapter (`lora_soup`), or a full model
+when `--base` names the base model they were trained on. Only torch and safetensors are imported (peft,
+transformers and Lightning are not needed), so the command starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+Interpolate N checkpoints (or N LoRA adapters) fine-tuned from one shared init into a single model.
+
+Weight convention: the weights are aligned with the sources, in order, and
+    theta = sum_i w_i * theta_i
+so for two sources `--weights 0.7 0.3` means 70% of the first and 30% of the second (equivalently
+`--lam 0.3`: lam is the weight of the SECOND source). Weights must be >= 0 and sum to 1, unless
+--allow-extrapolation (negative weights allowed, the sum must still be 1). One-hot weights reproduce
+that source bit for bit.
+
+Sources may be .safetensors files, Hugging Face model folders (single or sharded safetensors),
+Lightning .ckpt files (use --prefix to pick the network, e.g. --prefix policy.), torch .pt/.bin state
+dicts, or PEFT LoRA adapter folders. Adapters and full weights cannot be mixed."""
+
+EPILOG = """\
+examples:
+  rs soup expert_a/ expert_b/ --weights 0.7 0.3 --out soup/
+  rs soup a.ckpt b.ckpt --lam 0.5 --prefix policy. --dtype bfloat16 --out soup/
+  rs soup lora_a/ lora_b/ lora_c/ --weights 0.2 0.3 0.5 --mode factors --out lora_soup/
+  rs soup lora_a/ lora_b/ --weights 0.5 0.5 --mode delta --base base_model/ --out merged/"""
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "5GB" (10^9, the Hugging Face convention), "2GiB" (2^30), "500MB", "1000000" ..."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    unit = (m.group(2) or "b").lower()
+    if unit == "b":
+        return int(float(m.group(1)))
+    power = "kmgt".index(unit[0]) + 1
+    base = 1024 if "i" in unit else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rs soup", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="checkpoints or adapter folders, in weight order")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="one weight per source, aligned with SRC: theta = sum_i w_i theta_i (e.g. 0.7 0.3)")
+    w.add_argument("--lam", type=float, help="two sources only: the weight of the SECOND one (weights 1-lam, lam)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--mode", choices=("factors", "delta"),
+                   help="LoRA adapters only. factors (default, the paper): average A and B separately; "
+                        "delta: the exact sum_i w_i B_i A_i as one LoRA of rank sum_i r_i")
+    p.add_argument("--allow-extrapolation", action="store_true",
+                   help="allow negative weights (the weights must still sum to 1)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="cast floating outputs (default: keep the sources' dtype)")
+    p.add_argument("--prefix", help="keep only keys starting with PREFIX, stripped (e.g. policy. in a Lightning ckpt)")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", metavar="SIZE",
+                   help="largest output shard, e.g. 5GB (default), 500MB, 2GiB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--base", type=Path, metavar="BASE_MODEL_DIR",
+                   help="LoRA adapters only: merge the adapter soup into this base model and write full weights "
+                        "(with --mode delta this is exactly sum_i w_i theta_i of the experts merged into the base)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: on for merges reading more than 1 GiB)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `rs soup`; return the exit code (0 ok, 2 bad arguments or sources)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or argparse's own "rs soup: error: ..." (already printed)
+        return int(exit_.code or 0)
+    from rs_lightning.soup.errors import SoupError
+
+    try:
+        print(run(args))
+    except (SoupError, FileNotFoundError, FileExistsError) as err:
+        print(f"rs soup: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> str:
+    """Do the soup described by parsed arguments; return the summary line."""
+    from rs_lightning.soup import io, lora
+    from rs_lightning.soup.errors import SoupError
+    from rs_lightning.soup.weights import validate_weights
+
+    if args.lam is not None:
+        if len(args.sources) != 2:
+            raise SoupError(f"--lam needs exactly two sources, got {len(args.sources)}: use --weights")
+        weights = [1.0 - args.lam, args.lam]
+    else:
+        weights = args.weights
+    weights = validate_weights(weights, len(args.sources), allow_extrapolation=args.allow_extrapolation)
+    for src in args.sources:
+        if not Path(src).exists():
+            raise SoupError(f"no such file or folder: {src}")
+    is_adapter = [lora.is_peft_adapter_dir(s) for s in args.sources]
+    if any(is_adapter) and not all(is_adapter):
+        adapters = [s for s, a in zip(args.sources, is_adapter) if a]
+        full = [s for s, a in zip(args.sources, is_adapter) if not a]
+        raise SoupError(
+            f"sources mix PEFT adapter folders ({', '.join(adapters)}) and full weights ({', '.join(full)}): "
+            "soup adapters together (optionally with --base), or full checkpoints together"
+        )
+    if all(is_adapter):
+        return _adapter_soup(args, weights)
+    if args.mode is not None:
+        raise SoupError("--mode applies to LoRA adapter folders only; these sources are full weights")
+    if args.base is not None:
+        raise SoupError("--base applies to LoRA adapter folders only; these sources are full weights")
+    result = io.merge_files(
+        args.sources, weights, args.out, dtype=args.dtype, allow_extrapolation=args.allow_extrapolation,
+        max_shard_bytes=args.max_shard_size, prefix=args.prefix, overwrite=args.overwrite, progress=args.progress,
+    )
+    return result.summary()
+
+
+def _adapter_soup(args: argparse.Namespace, weights: list[float]) -> str:
+    from rs_lightning.soup import io, lora
+    from rs_lightning.soup.errors import SoupError
+
+    start = time.perf_counter()
+    mode = args.mode or "factors"
+    adapters = [lora.load_adapter(s) for s in args.sources]
+    dtype = io.parse_dtype(args.dtype)
+    info = io.soup_record(args.sources, weights, mode=mode, dtype=args.dtype,
+                          allow_extrapolation=args.allow_extrapolation, base=str(args.base) if args.base else None)
+    if args.base is None:
+        if args.prefix:
+            raise SoupError("--prefix applies to full weights and --base, not to adapter soups")
+        soup = lora.lora_soup(adapters, weights, mode=mode, allow_extrapolation=args.allow_extrapolation)
+        if dtype is not None:
+            soup.state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in soup.state_dict.items()}
+        lora.save_adapter(soup, args.out, overwrite=args.overwrite, extra_json=info)
+        n = len(soup.state_dict)
+        size = sum(t.numel() * t.element_size() for t in soup.state_dict.values())
+        result = io.SaveResult(args.out, [lora.SAFETENSORS_NAME], n, size, time.perf_counter() - start)
+        return result.summary(f"LoRA adapter, mode {mode}")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"output folder already exists: {args.out} (pass --overwrite)")
+    with io.open_source(args.base, prefix=args.prefix) as base:
+        if base.kind == "peft-adapter":
+            raise SoupError(f"--base {args.base} is an adapter folder: give the base model it was trained on")
+        base_sd = {k: base[k] for k in base}
+        copy_from = base.folder
+    if mode == "factors":
+        # The paper's soup merged: one adapter from averaged factors, folded into the base with weight 1.
+        adapters = [lora.lora_soup(adapters, weights, mode="factors", allow_extrapolation=args.allow_extrapolation)]
+        merge_weights = [1.0]
+    else:
+        merge_weights = weights
+    merged = lora.merge_lora_into_base(base_sd, adapters, merge_weights, allow_extrapolation=args.allow_extrapolation)
+    if dtype is not None:
+        merged = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.items()}
+    del base_sd
+    result = io.save_safetensors(merged, args.out, max_shard_bytes=args.max_shard_size, soup_info=info,
+                                 overwrite=args.overwrite, copy_from=copy_from, config_dtype=dtype)
+    result.seconds = time.perf_counter() - start
+    return result.summary(f"base + LoRA soup, mode {mode}")

@@ -1,0 +1,225 @@
+"""Streaming merge of full checkpoints on disk: theta = sum_i w_i theta_i, tensor by tensor.
+
+`merge_files` never holds K models in memory. It first checks every source's keys, shapes and dtypes
+from metadata alone (no tensor is read, so a mismatch fails in seconds, naming the key and the file),
+then reads one small group of tensors from each source, interpolates it with `interpolate` (fp32
+accumulation), and streams the result into pre-planned safetensors shards. Peak memory is about
+(K + 1) x the largest tensor (or group, at most GROUP_BYTES), independent of the model and shard size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rs_lightning.soup.atomic import atomic_dir
+from rs_lightning.soup.errors import SoupError
+from rs_lightning.soup.interpolate import interpolate
+from rs_lightning.soup.sources import Source, TensorInfo, open_source
+from rs_lightning.soup.weights import validate_weights
+from rs_lightning.soup.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    SOUP_FILE,
+    SaveResult,
+    copy_model_files,
+    plan_shards,
+    soup_record,
+    write_planned,
+)
+
+# Small tensors (norms, biases) are interpolated in groups of up to this many bytes per source: one
+# `interpolate` call per tensor would cost more in Python overhead than in arithmetic.
+GROUP_BYTES = 4 * 2**20
+# Above this many bytes read, `progress=None` shows a progress bar.
+PROGRESS_BYTES = 2**30
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """None, a torch floating dtype, or one of "float32", "float16", "bfloat16" (also "fp32", "bf16"...)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise SoupError(f"the output dtype must be floating, got {dtype}")
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(str(dtype).lower(), str(dtype).lower()).removeprefix("torch.")
+    if name not in OUTPUT_DTYPES:
+        raise SoupError(f"unknown output dtype {dtype!r}: use one of {', '.join(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[name]
+
+
+def check_sources(sources: Sequence[Source]) -> list[str]:
+    """Check that all sources have the same keys, shapes and dtypes, from metadata only.
+
+    Returns:
+        The keys, in source 0's order.
+
+    Raises:
+        SoupError: naming the first offending key and the file it comes from.
+    """
+    if not sources:
+        raise SoupError("no sources given: a soup needs at least one checkpoint")
+    ref = sources[0]
+    keys = list(ref)
+    for i, src in enumerate(sources[1:], start=1):
+        for key in keys:
+            if key not in src:
+                raise SoupError(f"key '{key}' of source 0 ({ref.path}) is missing from source {i} ({src.path})")
+        if len(src) != len(keys):
+            extra = next(k for k in src if k not in ref)
+            raise SoupError(f"key '{extra}' of source {i} ({src.path}) is missing from source 0 ({ref.path})")
+        for key in keys:
+            a, b = ref.info(key), src.info(key)
+            if a.shape != b.shape:
+                raise SoupError(
+                    f"key '{key}': source {i} ({src.path}) has shape {b.shape}, source 0 ({ref.path}) has {a.shape}"
+                )
+            if a.dtype != b.dtype:
+                raise SoupError(
+                    f"key '{key}': source {i} ({src.path}) has dtype {b.dtype}, source 0 ({ref.path}) has "
+                    f"{a.dtype} (cast the experts to one dtype first)"
+                )
+    return keys
+
+
+def merge_files(
+    paths: Sequence[str | os.PathLike],
+    weights: Sequence[float],
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    allow_extrapolation: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> SaveResult:
+    """Interpolate K checkpoints on disk into a safetensors folder, streaming tensor by tensor.
+
+    Args:
+        paths: K sources of any format `open_source` reads (not PEFT adapters: see `lora_soup`).
+        weights: K weights aligned with `paths`, theta = sum_i weights[i] * theta_i; on the simplex
+            unless `allow_extrapolation`.
+        out_dir: output folder (single `model.safetensors` or shards + index, and `soup.json`); the
+            config files of a HF-folder source 0 are copied next to them.
+        dtype: cast floating outputs to float32/float16/bfloat16; None keeps the sources' dtype.
+        allow_extrapolation: allow negative weights (the sum must still be 1).
+        max_shard_bytes: the largest output shard.
+        prefix: keep only the keys starting with it, stripped (e.g. "policy." for a Lightning ckpt).
+        overwrite: replace an existing `out_dir`.
+        progress: a tqdm bar on stderr; None shows it when the merge reads more than 1 GiB.
+
+    Raises:
+        SoupError: bad weights, unreadable or incompatible sources (before any tensor is read).
+        FileExistsError: `out_dir` exists and `overwrite` is False.
+    """
+    start = time.perf_counter()
+    ws = validate_weights(weights, len(paths), allow_extrapolation=allow_extrapolation)
+    out_dtype = parse_dtype(dtype)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output folder already exists: {out} (pass overwrite=True / --overwrite)")
+    with contextlib.ExitStack() as stack:
+        sources = [stack.enter_context(open_source(p, prefix=prefix)) for p in paths]
+        for src in sources:
+            if src.kind == "peft-adapter":
+                raise SoupError(f"{src.path} is a PEFT adapter folder: soup adapters with lora_soup / `rs soup`")
+            if out.resolve() == src.path.resolve():
+                raise SoupError(f"the output {out} is also a source: write the soup elsewhere")
+        keys = check_sources(sources)
+        in_infos = {k: sources[0].info(k) for k in keys}
+        out_infos = {k: _out_info(info, out_dtype) for k, info in in_infos.items()}
+        shards = plan_shards([(k, out_infos[k]) for k in keys], max_shard_bytes)
+        order = [k for layout in shards for k, _ in layout]
+        tensors = _merged(sources, order, in_infos, ws, out_dtype, allow_extrapolation)
+        read_bytes = sum(info.nbytes for info in in_infos.values()) * sum(w != 0 for w in ws)
+        if progress or (progress is None and read_bytes >= PROGRESS_BYTES):
+            tensors = _with_progress(tensors, len(order))
+
+        result = SaveResult(out, n_tensors=len(keys), total_bytes=sum(i.nbytes for i in out_infos.values()))
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            result.files = write_planned(tmp, shards, tensors)
+            if sources[0].folder is not None:
+                copy_model_files(sources[0].folder, tmp, dtype=out_dtype)
+            # dtype: the requested cast (None: as the sources); dtypes: what the output holds, tensor counts.
+            dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in out_infos.values())
+            info = soup_record([s.path for s in sources], ws, mode="full", prefix=prefix,
+                               dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                               dtypes=dict(sorted(dtypes.items())), allow_extrapolation=allow_extrapolation,
+                               n_tensors=len(keys))
+            (tmp / SOUP_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _out_info(info: TensorInfo, out_dtype: torch.dtype | None) -> TensorInfo:
+    if out_dtype is None or not info.dtype.is_floating_point:
+        return info  # non-floating tensors (step counters, index buffers) keep their dtype
+    return TensorInfo(info.shape, out_dtype)
+
+
+def _merged(
+    sources: Sequence[Source],
+    order: list[str],
+    infos: dict[str, TensorInfo],
+    weights: list[float],
+    out_dtype: torch.dtype | None,
+    allow_extrapolation: bool,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield (name, soup tensor) in `order`, reading one group of tensors per source at a time."""
+    group: list[str] = []
+    size = 0
+    for key in order:
+        nbytes = infos[key].nbytes
+        if group and size + nbytes > GROUP_BYTES:
+            yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation)
+            group, size = [], 0
+        group.append(key)
+        size += nbytes
+    if group:
+        yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation)
+
+
+def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation):
+    # Zero-weight sources contribute nothing to floating tensors: do not even read them (a one-hot soup,
+    # the front's endpoints, then reads one model). Non-floating tensors need all sources (see interpolate).
+    floating = all(infos[k].dtype.is_floating_point for k in keys)
+    live = [i for i, w in enumerate(weights) if w != 0.0] if floating else list(range(len(sources)))
+
+    def load(src: Source, key: str) -> Tensor:
+        t = src[key]
+        # Upcasting before the sum (e.g. bf16 experts -> fp32 soup) keeps the fp32 result exact, instead
+        # of rounding to bf16 first and widening after.
+        if out_dtype is not None and t.is_floating_point() and out_dtype.itemsize > t.dtype.itemsize:
+            t = t.to(out_dtype)
+        return t
+
+    per_source = [{k: load(sources[i], k) for k in keys} for i in live]
+    soup = interpolate(per_source, [weights[i] for i in live], allow_extrapolation=allow_extrapolation)
+    del per_source
+    for k in keys:
+        t = soup.pop(k)
+        if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
+            t = t.to(out_dtype)
+        yield k, t
+
+
+def _with_progress(tensors: Iterator[tuple[str, Tensor]], total: int) -> Iterator[tuple[str, Tensor]]:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional for the engine: no bar, same result
+        yield from tensors
+        return
+    with tqdm(total=total, unit="tensor", desc="soup", file=sys.stderr, leave=False) as bar:
+        for item in tensors:
+            yield item
+            bar.update(1)
