@@ -8,6 +8,7 @@ as a `main(argv) -> int` and is imported only when called, so `rs soup --help` d
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -38,6 +39,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        # `rs list | head` should stop quietly, like any Unix tool, not with a BrokenPipeError traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
