@@ -1,0 +1,161 @@
+"""Plots of a sweep: front.png for two rewards, radar.png for three or more (matplotlib, Agg, written atomically).
+
+front.png (raw reward units): the RS curve through the experts and soups, each point labelled by its lam
+(two experts) or weights; the chord (straight line, or polygon for N experts) between the experts, which
+the RS curve should lie above (LMC); MORL points labelled by mu; the init. radar.png: each reward
+normalised to [0, 1] by the summary's normalisation; the soup nearest to uniform weights, each expert,
+the MORL run nearest to uniform mu, and the init.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rs_lightning.front.grids import on_simplex
+from rs_lightning.front.metrics import Normalisation
+from rs_lightning.front.rows import reward_matrix
+
+FRONT_PNG = "front.png"
+RADAR_PNG = "radar.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # no display here or on clusters; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    from rs_lightning.soup.atomic import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=130, bbox_inches="tight")
+    return path
+
+
+def _fmt(ws: Sequence[float]) -> str:
+    return ",".join(f"{w:.2g}" for w in ws)
+
+
+def plot_all(out_dir: Path, rows: Sequence[dict], summary: dict) -> list[Path]:
+    """The plots that fit the number of rewards; returns the paths written."""
+    names = summary["rewards"]
+    if len(names) == 2:
+        return [plot_front_2d(out_dir / FRONT_PNG, rows, summary)]
+    if len(names) >= 3:
+        return [plot_radar(out_dir / RADAR_PNG, rows, summary)]
+    return []
+
+
+def _experts(rows, kind, ok) -> list[int]:
+    """Valid expert rows in expert order (the index of their one-hot weight)."""
+    return sorted(np.where((kind == "expert") & ok)[0].tolist(), key=lambda i: int(np.argmax(rows[i]["weights"])))
+
+
+def plot_front_2d(path: Path, rows: Sequence[dict], summary: dict) -> Path:
+    """RS curve labelled by lam, chord between the experts, MORL points and init, in raw reward units."""
+    plt = _pyplot()
+    names = summary["rewards"]
+    vals = reward_matrix(rows, names)
+    ok = np.all(np.isfinite(vals), axis=1)
+    kind = np.asarray([r["kind"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+
+    experts = _experts(rows, kind, ok)
+    if len(experts) >= 2:
+        chord = vals[experts + ([experts[0]] if len(experts) > 2 else [])]
+        ax.plot(chord[:, 0], chord[:, 1], ls="--", c="0.55", lw=1.2, label="chord between experts (LMC baseline)")
+
+    rs = [i for i in np.where(np.isin(kind, ["expert", "soup"]) & ok)[0]]
+    n_exp = len(rows[rs[0]]["weights"]) if rs else 0
+    if rs and n_exp == 2:
+        rs.sort(key=lambda i: rows[i]["weights"][1])
+        inside = [i for i in rs if on_simplex(rows[i]["weights"])]
+        ax.plot(vals[rs, 0], vals[rs, 1], c="C0", lw=1.0, alpha=0.5)
+        ax.plot(vals[inside, 0], vals[inside, 1], "o-", c="C0", ms=5, lw=1.8, label="rewarded soups θ(λ)")
+        outside = [i for i in rs if i not in inside]
+        if outside:
+            ax.plot(vals[outside, 0], vals[outside, 1], "o", mfc="none", c="C0", ms=5, label="extrapolated λ")
+        for i in rs:
+            # Labels inside the (usually concave) curve, MORL labels outside: they do not collide.
+            ax.annotate(f"λ={rows[i]['weights'][1]:g}", vals[i], textcoords="offset points", xytext=(-5, -10),
+                        ha="right", fontsize=7, color="C0")
+    elif rs:
+        ax.plot(vals[rs, 0], vals[rs, 1], "o", c="C0", ms=4, label="rewarded soups θ(w)")
+    for i in experts:
+        ax.plot(*vals[i], "D", c="C3", ms=8, zorder=5)
+        ax.annotate(f"expert {rows[i]['name']}", vals[i], textcoords="offset points", xytext=(8, 6),
+                    fontsize=8, color="C3")
+    morl = [i for i in np.where((kind == "morl") & ok)[0]]
+    if morl:
+        ax.plot(vals[morl, 0], vals[morl, 1], "s", c="C2", ms=7, label="MORL (one training per μ)", zorder=4)
+        for i in morl:
+            label = f"μ={_fmt(rows[i]['mu'])}" if rows[i].get("mu") else rows[i]["name"]
+            ax.annotate(label, vals[i], textcoords="offset points", xytext=(6, 4), fontsize=7, color="C2")
+    for i in np.where((kind == "init") & ok)[0]:
+        ax.plot(*vals[i], "*", c="k", ms=12, label="init θ0", zorder=5)
+    hv = summary.get("hypervolume", {})
+    parts = [f"{g} {hv[g]:.3f}" for g in ("rs", "experts", "morl") if hv.get(g) is not None]
+    ax.set_title("Rewarded soups front" + (f"\nhypervolume (normalised): {', '.join(parts)}" if parts else ""),
+                 fontsize=10)
+    ax.set_xlabel(f"{names[0]} (higher is better)")
+    ax.set_ylabel(f"{names[1]} (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _nearest(rows, idx, field, target) -> int | None:
+    cands = [i for i in idx if rows[i].get(field) is not None and len(rows[i][field]) == len(target)]
+    if not cands:
+        return None
+    return min(cands, key=lambda i: float(np.abs(np.asarray(rows[i][field]) / sum(rows[i][field]) - target).sum()))
+
+
+def plot_radar(path: Path, rows: Sequence[dict], summary: dict) -> Path:
+    """Spider plot on normalised rewards: uniform(-most) soup vs each expert vs MORL uniform(-most) vs init."""
+    plt = _pyplot()
+    names = summary["rewards"]
+    k = len(names)
+    norm_info = summary["normalisation"]
+    norm = Normalisation(tuple(norm_info["ideal"]), tuple(norm_info["nadir"]))
+    vals = norm.apply(reward_matrix(rows, names))
+    ok = np.all(np.isfinite(vals), axis=1)
+    kind = np.asarray([r["kind"] for r in rows])
+    lines: list[tuple[str, int, dict]] = []
+    soups = [i for i in np.where((kind == "soup") & ok)[0]]
+    if soups:
+        n = len(rows[soups[0]]["weights"])
+        u = _nearest(rows, soups, "weights", np.full(n, 1.0 / n))
+        lines.append((f"soup w=({_fmt(rows[u]['weights'])})", u, dict(c="C0", lw=2.5)))
+    for j, i in enumerate(_experts(rows, kind, ok)):
+        lines.append((f"expert {rows[i]['name']}", i, dict(c=f"C{3 + j}", lw=1.2, ls="--")))
+    morl = [i for i in np.where((kind == "morl") & ok)[0]]
+    if morl:
+        m = _nearest(rows, morl, "mu", np.full(k, 1.0 / k))
+        if m is not None:
+            lines.append((f"MORL μ=({_fmt(rows[m]['mu'])})", m, dict(c="C2", lw=2.0)))
+    for i in np.where((kind == "init") & ok)[0]:
+        lines.append(("init θ0", i, dict(c="k", lw=1.0, ls=":")))
+    angles = np.linspace(0, 2 * np.pi, k, endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(6.0, 6.0), subplot_kw={"polar": True})
+    for label, i, style in lines:
+        v = vals[i].tolist()
+        ax.plot(angles + angles[:1], v + v[:1], label=label, **style)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(names)
+    ax.set_title("rewards normalised by (R - nadir) / (ideal - nadir)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.35, 1.1))
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,244 @@
+"""summary.json from the rows of a sweep: hypervolumes, IGD+, spacing, LMC gaps, lam* per preference, bad points.
+
+Every indicator is computed in one normalised space, stated in the output: each reward is mapped by a
+per-task ideal/nadir pair (from the config, or else the min/max over all valid points of this run, which
+is then NOT comparable across runs), and the hypervolume reference point defaults to the normalised nadir
+minus `ref_margin` on every axis. Groups: "rs" (experts + soups on the simplex), "rs_extrapolated" (with
+the soups off the simplex, when the grid has any), "experts" (the endpoints only, the baseline for
+delta-HV), "morl", "init".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rs_lightning.front.grids import on_simplex
+from rs_lightning.front.lmc import lmc_gaps, summarise_gaps
+from rs_lightning.front.metrics import (
+    Normalisation,
+    expected_utility,
+    hypervolume,
+    igd_plus,
+    pareto_mask,
+    spacing,
+    sparsity,
+)
+from rs_lightning.front.rows import reward_matrix, reward_names
+from rs_lightning.front.select import preference_report
+from rs_lightning.soup import simplex_lattice
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class SummarySettings:
+    """How a front is scored (none of it changes the rows, so it can be changed and re-reported).
+
+    Attributes:
+        rewards: the logged rewards to score, in order (aligned with the experts and with mu); default:
+            every `test/reward/*` in logging order.
+        ideal: per-reward best value for the normalisation (with `nadir`); default: from the data.
+        nadir: per-reward worst value.
+        reference: hypervolume reference point in RAW reward units; default: nadir - ref_margin * (ideal - nadir).
+        ref_margin: margin of the default reference point, in normalised units.
+        preferences: the mu vectors to report lam* for; default: the simplex lattice of step 1/4.
+    """
+
+    rewards: list[str] | None = None
+    ideal: list[float] | None = None
+    nadir: list[float] | None = None
+    reference: list[float] | None = None
+    ref_margin: float = 0.1
+    preferences: list[list[float]] | None = None
+
+    def check(self) -> None:
+        """Raise ValueError on inconsistent lengths, so a bad setting fails before a sweep, not after it."""
+        if (self.ideal is None) != (self.nadir is None):
+            raise ValueError("summary.ideal and summary.nadir go together: give both or neither")
+        sizes = {f: len(getattr(self, f)) for f in ("rewards", "ideal", "nadir", "reference") if getattr(self, f)}
+        sizes.update({f"preferences[{i}]": len(p) for i, p in enumerate(self.preferences or [])})
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"summary settings disagree on the number of rewards: {sizes}")
+        if self.ideal is not None:
+            Normalisation(tuple(self.ideal), tuple(self.nadir))
+
+
+def _weights(rows) -> np.ndarray:
+    return np.asarray([r["weights"] for r in rows], dtype=np.float64)
+
+
+def _describe(row: dict) -> dict:
+    return {"kind": row["kind"], "name": row["name"], "weights": row.get("weights"), "mu": row.get("mu")}
+
+
+def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None) -> dict:
+    """Score a sweep's rows (see the module docstring); JSON-ready."""
+    s = settings or SummarySettings()
+    s.check()
+    names = list(s.rewards) if s.rewards else reward_names(rows)
+    if not names:
+        raise ValueError("no reward in the rows: did the module log any test/reward/<name> metric?")
+    values = reward_matrix(rows, names)
+    valid = np.all(np.isfinite(values), axis=1)
+    by_kind = {k: [i for i, r in enumerate(rows) if r["kind"] == k] for k in ("expert", "soup", "init", "morl")}
+    experts = sorted(by_kind["expert"], key=lambda i: int(np.argmax(rows[i]["weights"])))
+    rs_all = experts + by_kind["soup"]
+    groups = {
+        "rs": [i for i in rs_all if on_simplex(rows[i]["weights"])],
+        "experts": experts,
+        "morl": by_kind["morl"],
+        "init": by_kind["init"],
+    }
+    if len(groups["rs"]) < len(rs_all):
+        groups["rs_extrapolated"] = rs_all
+
+    out: dict = {
+        "rewards": names,
+        "n_points": len(rows),
+        "n_valid": int(valid.sum()),
+        "config_hash": rows[0].get("config_hash") if rows else None,
+        "weight_convention": "weights aligned with the experts: theta = sum_i w_i theta_i (2 experts: lam = w_2)",
+        "invalid_points": [
+            {**_describe(rows[i]), "invalid_rewards": [n for k, n in enumerate(names) if not np.isfinite(values[i, k])]}
+            for i in np.where(~valid)[0]
+        ],
+    }
+    if not valid.any():
+        out["error"] = "no valid point: every row has a missing or non-finite reward"
+        return out
+
+    if s.ideal is not None and s.nadir is not None:
+        norm = Normalisation(tuple(s.ideal), tuple(s.nadir), source="config (fixed per task)")
+    else:
+        norm = Normalisation.from_points(values[valid])
+    z = norm.apply(values)
+    if s.reference is not None:
+        ref = norm.apply(np.asarray([s.reference]))[0]
+        ref_source = "config (raw units)"
+    else:
+        ref = np.full(len(names), -float(s.ref_margin))
+        ref_source = f"normalised nadir - {s.ref_margin} on every reward"
+    out["normalisation"] = norm.describe(names)
+    out["reference_point"] = {"raw": norm.invert(ref).tolist(), "normalised": ref.tolist(), "source": ref_source}
+
+    union = z[valid][pareto_mask(z[valid], unique=True)]
+    prefs = s.preferences or (simplex_lattice(len(names), 4) if len(names) > 1 else [[1.0]])
+    hv, ind = {}, {}
+    for g, idx in groups.items():
+        pts = z[[i for i in idx if valid[i]]]
+        hv[g] = hypervolume(pts, ref) if len(pts) else None
+        front = pts[pareto_mask(pts)] if len(pts) else pts
+        ind[g] = {
+            "n": len(idx),
+            "n_valid": int(len(pts)),
+            "n_pareto": int(len(front)),
+            "igd_plus": igd_plus(pts, union) if len(pts) else None,
+            "spacing": spacing(front) if len(front) > 1 else None,
+            "sparsity": sparsity(front) if len(front) > 1 else None,
+            "expected_utility": expected_utility(pts, prefs) if len(pts) else None,
+        }
+    out["hypervolume"] = {
+        **hv,
+        "rs_minus_experts": (hv["rs"] - hv["experts"]) if hv["rs"] is not None and hv["experts"] is not None else None,
+        "space": "normalised rewards (see normalisation), reference_point.normalised",
+    }
+    out["indicators"] = ind
+    out["indicators_note"] = (
+        "IGD+ against the union non-dominated set of all valid points (normalised, lower is better); spacing: "
+        "std of nearest-neighbour cityblock distances over the group's Pareto points; expected_utility: mean "
+        "over the preferences of the best <mu, normalised R>"
+    )
+    union_mask = np.zeros(len(rows), dtype=bool)
+    union_mask[np.where(valid)[0][pareto_mask(z[valid])]] = True
+    out["pareto_points"] = [_describe(rows[i]) for i in np.where(union_mask)[0]]
+    out["lmc"] = _lmc(rows, values, valid, experts, by_kind["soup"], names)
+    out["selection"] = _selection(rows, names, rs_all, by_kind["morl"], prefs)
+    return out
+
+
+def _lmc(rows, values, valid, experts, soups, names) -> dict:
+    info = {"definition": "R_k(theta(lam)) - sum_i lam_i R_k(theta_i); > 0 = above the chord (LMC holds)"}
+    if len(experts) < 2 or not all(valid[i] for i in experts):
+        return {**info, "skipped": "needs at least two experts with valid rewards"}
+    soups = [i for i in soups if valid[i] and on_simplex(rows[i]["weights"])]
+    if not soups:
+        return {**info, "skipped": "no valid soup on the simplex"}
+    gaps = lmc_gaps(_weights([rows[i] for i in soups]), values[soups], values[experts])
+    return {
+        **info,
+        "per_reward": summarise_gaps(gaps, names),
+        "points": [{"name": rows[i]["name"], "weights": rows[i]["weights"], "gaps": g.tolist()}
+                   for i, g in zip(soups, gaps)],
+    }
+
+
+def _selection(rows, names, candidates, morl, prefs) -> dict:
+    def has(i, field):
+        vals = rows[i].get(field) or {}
+        return all(vals.get(n) is not None for n in names)
+
+    split = "val" if candidates and all(has(i, "val_rewards") for i in candidates) else "test"
+    field = "val_rewards" if split == "val" else "rewards"
+    cands = [i for i in candidates if has(i, field)]
+    if not cands:
+        return {"skipped": "no valid soup or expert row"}
+    w = _weights([rows[i] for i in cands])
+    r = reward_matrix([rows[i] for i in cands], names, field)
+    m_rows = [i for i in morl if rows[i].get("mu") is not None and has(i, field)]
+    morl_pairs = [(rows[i]["mu"], reward_matrix([rows[i]], names, field)[0]) for i in m_rows]
+    report = preference_report(w, r, prefs, morl=morl_pairs)
+    if split == "val":
+        for entry in report:
+            idx = cands[int(np.argmin(np.abs(w - np.asarray(entry["lambda_star"])).sum(1)))]
+            entry["test_rewards_at_lambda_star"] = rows[idx].get("rewards")
+    return {
+        "split": split,
+        "note": "lam* = argmax over the evaluated soups and experts of sum_k mu_k R_k on the split (mu normalised)"
+        + ("" if split == "val" else "; no validation rows (run with front.validate: true), so on the test rows"),
+        "preferences": report,
+    }
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    """Write summary.json atomically."""
+    from rs_lightning.soup.atomic import atomic_file
+
+    path = Path(out_dir) / SUMMARY_FILE
+    with atomic_file(path) as f:
+        json.dump(summary, f, indent=2, allow_nan=False, default=_json_default)
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def write_outputs(out_dir: str | Path, rows: Sequence[dict], settings: SummarySettings | None = None) -> dict:
+    """summary.json plus the plots (front.png for two rewards, radar.png for three or more); returns the summary."""
+    from rs_lightning.front import plots
+
+    summary = build_summary(rows, settings)
+    made = []
+    if "normalisation" in summary:
+        made = plots.plot_all(Path(out_dir), rows, summary)
+    summary["plots"] = [p.name for p in made]
+    write_summary(out_dir, _finite(summary))
+    return summary
+
+
+def _finite(obj):
+    """NaN / inf -> None so summary.json stays strict JSON (e.g. spacing of a one-point front)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

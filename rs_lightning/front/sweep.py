@@ -1,0 +1,238 @@
+"""The front sweep: evaluate every grid point by souping IN PLACE into one live module, then `trainer.test`.
+
+    rows = run_sweep(module, datamodule, experts, grid, out_dir, init=..., morl=[...], trainer=...)
+
+The module and the Trainer are built once. For each weight vector w (aligned with the experts,
+theta = sum_i w_i theta_i; for two experts lam is the weight of the SECOND) the soup engine writes the
+soup into the module's own tensors (no save-and-reload per point), `trainer.test(module, datamodule)`
+runs, and every logged `test/reward/<name>` becomes one row of `front.jsonl` (see rows.py), flushed and
+fsynced as soon as the point finishes. Re-running skips the points already on disk, so a killed sweep
+resumes and loses at most the point in progress. Rewards are torchmetrics Metrics in the task, so the
+sync across devices is Lightning's; rows are written by global rank 0 only.
+
+Points, in order: each expert (one-hot weights; the grid's one-hot points are these rows, bit for bit,
+and are not evaluated twice), every other grid point (kind "soup"), the init, each MORL run.
+
+Which module tensors a checkpoint's keys land on is the small `soup_state_dict()` protocol documented in
+checkpoints.py (default: `module.state_dict()`, optionally under `target_prefix`). Each point is seeded
+with the same `seed` (common random numbers: sampling-based rewards compare points on the same draws, and
+a resumed sweep reproduces the uninterrupted one). DataModules should cache in `setup`, which Lightning
+calls again at every `trainer.test`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rs_lightning.front.checkpoints import Checkpoint, check_fit, fingerprint, load_checkpoint, soup_target
+from rs_lightning.front.errors import FrontError
+from rs_lightning.front.evaluate import counter_callback, evaluate, quiet_lightning, quiet_trainer
+from rs_lightning.front.grids import one_hot_index, weights_label
+from rs_lightning.front.rows import FRONT_FILE, RowStore, clean_rewards, point_key, stable_hash
+from rs_lightning.soup import interpolate, validate_weights
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Point:
+    """One evaluation of a sweep: a soup of the experts (`weights`), or a single extra checkpoint."""
+
+    kind: str
+    name: str
+    weights: list[float] | None = None
+    extra: Checkpoint | None = None
+
+    @property
+    def key(self) -> str:
+        return point_key(self.kind, self.name, self.weights)
+
+
+def plan_points(experts: Sequence[Checkpoint], grid, *, init=None, morl=()) -> list[Point]:
+    """The ordered points of a sweep: experts, then the non-one-hot grid points, then init and MORL."""
+    n = len(experts)
+    points = [Point("expert", point_name(e, "expert"), [1.0 if j == i else 0.0 for j in range(n)])
+              for i, e in enumerate(experts)]
+    for w in grid:
+        soup = Point("soup", weights_label(w), list(w))
+        if one_hot_index(w) is None and all(p.key != soup.key for p in points):  # a repeated weight runs once
+            points.append(soup)
+    if init is not None:
+        points.append(Point("init", point_name(init, "init"), extra=init))
+    points += [Point("morl", point_name(m, "morl"), extra=m) for m in morl]
+    keys = [p.key for p in points]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise FrontError(f"two points share the identity {dup}: give the checkpoints distinct names")
+    return points
+
+
+def point_name(ckpt: Checkpoint, kind: str) -> str:
+    """Row name of an expert / init / MORL checkpoint: its `name`, else "init" / "mu=..." / the file stem."""
+    if ckpt.name:
+        return ckpt.name
+    if kind == "init":
+        return "init"
+    if kind == "morl":
+        if ckpt.mu is None:
+            raise FrontError(f"MORL checkpoint {ckpt.where()} needs `mu`, the preference it was trained on")
+        return "mu=" + ",".join(f"{m:g}" for m in ckpt.mu)
+    return ckpt.label
+
+
+def run_sweep(
+    module,
+    datamodule,
+    experts: Sequence[Checkpoint],
+    grid: Sequence[Sequence[float]],
+    out_dir: str | os.PathLike,
+    *,
+    init: Checkpoint | None = None,
+    morl: Sequence[Checkpoint] = (),
+    allow_extrapolation: bool = False,
+    trainer=None,
+    callbacks: Sequence = (),
+    rewards: Sequence[str] | None = None,
+    config_hash: str | None = None,
+    overwrite: bool = False,
+    validate: bool = False,
+    seed: int | None = 0,
+    target_prefix: str | None = None,
+    cache_checkpoints: bool = True,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> list[dict]:
+    """Evaluate the experts, every grid soup, the init and the MORL runs; append rows to out_dir/front.jsonl.
+
+    Args:
+        module: the task's LightningModule (weights are overwritten in place at every point).
+        datamodule: its LightningDataModule (test split; validation split too when `validate`).
+        experts: one checkpoint per expert, aligned with the weights.
+        grid: weight vectors aligned with `experts` (see grids.build_grid).
+        out_dir: run folder: front.jsonl and run.json are written here.
+        init: the shared init, evaluated once (kind "init"), optional.
+        morl: MORL checkpoints, each with its `mu`, optional.
+        allow_extrapolation: accept grid weights off the simplex (negative, summing to 1).
+        trainer: a Lightning Trainer to reuse (default: `quiet_trainer()`).
+        callbacks: extra Lightning callbacks attached for the sweep (e.g. to stop it in a test).
+        rewards: reward names every row must have (a missing one is recorded as invalid).
+        config_hash: identity of the model/data/trainer/checkpoints; rows on disk must match it.
+        overwrite: discard rows already in out_dir instead of resuming.
+        validate: also run `trainer.validate` per point and record `val/reward/*` as `val_rewards` (the
+            rows λ* is selected on).
+        seed: `seed_everything(seed)` before each point; None leaves the RNG alone.
+        target_prefix: restrict `module.state_dict()` to keys under this prefix (see checkpoints.py).
+        cache_checkpoints: hold all checkpoints in memory (fast); False re-reads them at every point.
+        progress: show one tqdm bar over the points.
+        meta: extra JSON written into run.json (e.g. the summary settings of the CLI).
+
+    Returns:
+        The rows of this sweep's points, in plan order.
+
+    Raises:
+        FrontError / SoupError: bad grid, checkpoints that do not fit the module or each other, or rows on
+            disk from another config; all before any point runs.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    grid = [validate_weights(w, len(experts), allow_extrapolation=allow_extrapolation) for w in grid]
+    if not grid:
+        raise FrontError("the grid is empty: give at least one weight vector")
+    points = plan_points(experts, grid, init=init, morl=morl)
+    loaded = [(e, load_checkpoint(e, cache=cache_checkpoints)) for e in experts]
+    extras = {id(c): load_checkpoint(c, cache=cache_checkpoints) for c in [*([init] if init else []), *morl]}
+    target = soup_target(module, target_prefix)
+    n_keys = check_fit(target, loaded + [(c, extras[id(c)]) for c in [*([init] if init else []), *morl]])
+    if config_hash is None:
+        config_hash = stable_hash([
+            type(module).__qualname__, dict(getattr(module, "hparams", {})),
+            type(datamodule).__qualname__, dict(getattr(datamodule, "hparams", {})),
+            [fingerprint(c) for c in [*experts, *([init] if init else []), *morl]], target_prefix, validate, seed,
+        ])
+    if trainer is None:
+        trainer = quiet_trainer()
+    # Under DDP every rank runs this function; only global rank 0 touches the files.
+    is_writer = bool(getattr(trainer, "is_global_zero", True))
+    store = RowStore(out_dir / FRONT_FILE, config_hash, overwrite=overwrite and is_writer)
+    if is_writer:
+        _write_run_file(out_dir, experts, init, morl, config_hash, n_keys, len(target), allow_extrapolation,
+                        target_prefix, meta)
+
+    counter = counter_callback()
+    added = [counter, *callbacks]
+    trainer.callbacks.extend(added)
+    sources = [sd for _, sd in loaded]
+    todo = [p for p in points if store.get(p.key) is None]
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="front", unit="pt", disable=not progress)
+    try:
+        with quiet_lightning():
+            for point in todo:
+                bar.set_postfix_str(f"{point.kind} {point.name}", refresh=True)
+                row = _run_point(point, module, datamodule, trainer, counter, sources, extras, target_prefix,
+                                 allow_extrapolation, rewards, validate, seed)
+                if is_writer:
+                    store.append(row)
+                bar.update(1)
+    finally:
+        bar.close()
+        for cb in added:
+            trainer.callbacks.remove(cb)
+    return [store.get(p.key) for p in points if store.get(p.key) is not None]
+
+
+def _run_point(point, module, datamodule, trainer, counter, sources, extras, target_prefix,
+               allow_extrapolation, rewards, validate, seed) -> dict:
+    start = time.perf_counter()
+    target = soup_target(module, target_prefix)  # fresh: the module may have moved device since last time
+    if point.extra is None:
+        interpolate(sources, point.weights, out=target, allow_extrapolation=allow_extrapolation)
+    else:
+        interpolate([extras[id(point.extra)]], [1.0], out=target)
+    row: dict = {"kind": point.kind, "name": point.name, "weights": point.weights,
+                 "mu": point.extra.mu if point.extra is not None else None}
+    stages = ["test", "validate"] if validate else ["test"]
+    for stage in stages:
+        if seed is not None:
+            from lightning.pytorch import seed_everything
+
+            seed_everything(seed, verbose=False)
+        values, samples = evaluate(trainer, module, datamodule, stage, counter)
+        clean, bad = clean_rewards(values, rewards or ())
+        if stage == "test":
+            row.update(rewards=clean, valid=not bad and bool(clean), invalid_rewards=bad, samples=samples)
+            if not clean:
+                row["invalid_rewards"] = ["<no test/reward/* metric was logged>"]
+        else:
+            row.update(val_rewards=clean, val_valid=not bad and bool(clean), val_samples=samples)
+    row["seconds"] = round(time.perf_counter() - start, 6)
+    return row
+
+
+def _write_run_file(out_dir, experts, init, morl, config_hash, n_keys, n_target, allow_extrapolation,
+                    target_prefix, meta) -> None:
+    import json
+
+    from rs_lightning.soup.atomic import atomic_file
+
+    def desc(c: Checkpoint, kind: str) -> dict:
+        return {"name": point_name(c, kind), "path": c.path, "prefix": c.prefix, "mu": c.mu}
+
+    info = {
+        "config_hash": config_hash,
+        "weight_convention": "weights aligned with `experts`: theta = sum_i w_i theta_i (2 experts: lam = w_2)",
+        "experts": [desc(e, "expert") for e in experts],
+        "init": desc(init, "init") if init else None,
+        "morl": [desc(m, "morl") for m in morl],
+        "allow_extrapolation": allow_extrapolation,
+        "target_prefix": target_prefix,
+        "souped_tensors": n_keys,
+        "module_tensors": n_target,
+        **(meta or {}),
+    }
+    with atomic_file(Path(out_dir) / RUN_FILE) as f:
+        json.dump(info, f, indent=2)
