@@ -15,6 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, *, directory: bool) -> None:
+    """mkdtemp/mkstemp create owner-only entries; give the output the permissions a plain mkdir/open would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes `dest` when the block exits without an exception.
@@ -30,6 +41,7 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         if dest.exists():
             # Move the old output aside first so the swap never leaves `dest` missing for long
             # and a failure below keeps the old one.
@@ -56,6 +68,7 @@ def atomic_file(dest: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(Path(tmp), directory=False)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
