@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rs_lightning.tasks.text.datasets import SOURCES, load_examples
 from rs_lightning.tasks.text.model_loading import OFFLINE_DEFAULT_MODEL, load_tokenizer, resolve_model_path
@@ -52,6 +52,23 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh random permutation each epoch, seeded by `seed + epoch` (set by Lightning through `set_epoch`)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 @dataclass
@@ -220,7 +237,15 @@ class PromptDataModule(LightningDataModule):
                           collate_fn=LeftPadCollator(self.tokenizer.pad_token_id), num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        if self.train_set is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        # The order of epoch e is a function of (seed, e) alone, so a run resumed from a checkpoint sees the same
+        # prompts in the same order as an uninterrupted one (a seeded DataLoader generator would restart from
+        # its seed after a resume). Lightning calls set_epoch; under DDP it wraps this sampler per rank.
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                          generator=torch.Generator().manual_seed(self.seed),  # workers' seeds; global RNG untouched
+                          collate_fn=LeftPadCollator(self.tokenizer.pad_token_id), num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)

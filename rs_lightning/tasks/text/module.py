@@ -1,0 +1,333 @@
+"""`TextPPOModule`: PPO with LoRA on a causal LM, as a LightningModule (manual optimisation).
+
+One training step = one PPO iteration of the paper (TRL 0.4 semantics):
+1. sample a response per prompt (top_k 0, top_p 1, lengths drawn from `response_length`, EOS ignored by
+   default as in the paper);
+2. score it with every reward (all are logged) and form the training reward sum_k mu_k R_k / sum mu_k
+   (`reward_weights` = mu: one-hot for an expert, mixed for MORL; normalisation explicit);
+3. old log-probs and values, and reference log-probs (frozen SFT adapter, or the base model);
+4. per-token reward -beta KL with the score on the last token, GAE (gamma 1, lambda 0.95);
+5. `ppo_epochs` passes over shuffled mini-batches: clipped policy + vf_coef * clipped value loss,
+   whitened advantages, gradient clipping; then the KL controller update.
+Logged per iteration: train/reward/<name> for every reward and train/reward/total (synced over ranks), train/kl,
+train/kl_coef, the PPO statistics, and time/{generate,score,reference,optimise} (this rank's seconds); the last
+iteration's texts, raw rewards and timings stay in `last_iteration`. Evaluation (`validation_step`/`test_step`)
+decodes greedily and logs `test/reward/<name>` for every reward, the metrics the front sweep reads.
+Runs are sized in PPO iterations (`limit_train_batches` x `max_epochs`), not in Lightning's `global_step`.
+Expert export (PEFT adapter + value head) lives in `export.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from rs_lightning import rl
+from rs_lightning.rewards.base import RewardMetric
+from rs_lightning.rewards.mixture import MixtureReward
+from rs_lightning.tasks.text import policy as pol
+from rs_lightning.tasks.text.rollout import PhaseClock, Rollout, generate, response_forward, sample_lengths
+
+
+class TextPPOModule(L.LightningModule):
+    """PPO + LoRA policy for text generation. Every argument is a config key (LightningCLI `model.init_args`).
+
+    Args:
+        model: HF causal LM id or local path, or "smollm2-135m-instruct" (offline default) or "tiny-random".
+        rewards: the rewards to log (all of them, always); names must be unique.
+        reward_weights: mu, aligned with `rewards`: the training reward is sum mu_k R_k / sum mu_k.
+            None with one reward trains on it. An expert is one-hot, a MORL run is mixed.
+        reward_normalization: "none" (the paper: raw scores), "running" (z-score with running stats), "fixed".
+        reward_mean, reward_std: per-reward statistics for "fixed".
+        lora_r, lora_alpha, lora_dropout, target_modules: the LoRA (paper: 16, 16, 0.05, q/k/v/o).
+        init_adapter: start from this PEFT adapter (the paper's SFT LoRA); it is also the frozen KL reference.
+        lora_init_seed: seed of a fresh LoRA and of the value head, shared by every run of an experiment.
+        lr: Adam learning rate (paper 1.41e-5).
+        ppo_epochs, mini_batch_size: passes over each batch and their mini-batch size (paper 4, 4).
+        init_kl_coef, adaptive_kl, kl_target, kl_horizon: KL penalty (paper 0.2 (0.05 summaries), on, 6, 10000).
+        gamma, lam: GAE (1, 0.95). cliprange, cliprange_value, vf_coef: PPO (0.2, 0.2, 0.1).
+        max_grad_norm: gradient clipping (None: off, as TRL 0.4).
+        whiten: "minibatch" (TRL 0.4, the paper) or "batch": where advantages are whitened.
+        response_length: (low, high) of max_new_tokens, drawn uniformly (paper 16..32).
+        length_sampling: "batch" (one length per batch, as TRL) or "prompt" (one per prompt).
+        ignore_eos: generate past EOS as the paper does (every response has exactly its length).
+        top_k, top_p, temperature: rollout sampling (paper 0, 1.0, 1.0).
+        eval_max_new_tokens: greedy decoding length at validation/test (paper 32).
+        dtype: policy weights dtype ("float32", "bfloat16").
+        reward_includes_prefix: rewards read the reference prefix that ends the query plus the continuation
+            (the paper's "response"), rather than the continuation alone.
+        reward_prompt_field: the batch field the rewards receive as their `prompts` (the context a reward model
+            reads): "prompts" (the templated query), "instructions" (the question: the paper's QA/assistant RMs
+            read "question [SEP] answer") or "inputs" (the article, for the summary RMs).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        rewards: list[RewardMetric] | None = None,
+        reward_weights: list[float] | None = None,
+        reward_normalization: str = "none",
+        reward_mean: list[float] | None = None,
+        reward_std: list[float] | None = None,
+        lora_r: int = 16,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),  # type: ignore[assignment]
+        init_adapter: str | None = None,
+        lora_init_seed: int = 0,
+        lr: float = 1.41e-5,
+        ppo_epochs: int = 4,
+        mini_batch_size: int = 4,
+        init_kl_coef: float = 0.2,
+        adaptive_kl: bool = True,
+        kl_target: float = 6.0,
+        kl_horizon: int = 10000,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.1,
+        max_grad_norm: float | None = None,
+        whiten: str = "minibatch",
+        response_length: tuple[int, int] = (16, 32),
+        length_sampling: str = "batch",
+        ignore_eos: bool = True,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        eval_max_new_tokens: int = 32,
+        dtype: str = "float32",
+        reward_includes_prefix: bool = True,
+        reward_prompt_field: str = "prompts",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["rewards"])
+        self.automatic_optimization = False
+        if not rewards:
+            raise ValueError("model.rewards is empty: give at least one reward (e.g. class_path: ...VaderReward)")
+        names = [r.name for r in rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique, got {names} (set `name:` in each reward's init_args)")
+        if reward_weights is None:
+            if len(rewards) > 1:
+                raise ValueError(
+                    f"{len(rewards)} rewards {names} but no model.reward_weights: give mu, e.g. [1, 0] for an "
+                    "expert of the first reward or [0.5, 0.5] for MORL"
+                )
+            reward_weights = [1.0]
+        fields = ("prompts", "instructions", "inputs")
+        for arg, value, choices in (("whiten", whiten, ("minibatch", "batch")),
+                                    ("length_sampling", length_sampling, ("batch", "prompt")),
+                                    ("reward_prompt_field", reward_prompt_field, fields)):
+            if value not in choices:
+                raise ValueError(f"{arg} must be one of {choices}, got {value!r}")
+        self.objective = MixtureReward(
+            {r.name: r for r in rewards}, list(reward_weights), normalization=reward_normalization,
+            mean=reward_mean, std=reward_std, name="total",
+        )
+        self.reward_names = names
+        self.val_means = nn.ModuleDict({n: MeanMetric() for n in [*names, "total"]})
+        self.test_means = nn.ModuleDict({n: MeanMetric() for n in [*names, "total"]})
+        self.kl_ctl = (
+            rl.AdaptiveKLController(init_kl_coef, kl_target, kl_horizon) if adaptive_kl
+            else rl.FixedKLController(init_kl_coef)
+        )
+        self.last_iteration: dict[str, Any] = {}  # texts, raw rewards and phase timings of the latest iteration
+        self._build_policy()
+
+    # -- model ----------------------------------------------------------------------------------------------
+
+    def _build_policy(self) -> None:
+        from rs_lightning.tasks.text.model_loading import load_causal_lm
+
+        hp = self.hparams
+        # "tiny-random" seeds torch to build its weights: keep the run's RNG stream (seed_everything) untouched.
+        with torch.random.fork_rng(devices=[]):
+            base, self.tokenizer = load_causal_lm(hp.model, dtype=hp.dtype)
+        self.policy = pol.attach_lora(
+            base, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout, target_modules=hp.target_modules,
+            init_adapter=hp.init_adapter, lora_init_seed=hp.lora_init_seed,
+        )
+        self.value_head = pol.make_value_head(base.config.hidden_size, hp.lora_init_seed)
+        self.policy.train()  # from_pretrained returns eval mode; rollouts switch to eval explicitly
+
+    def soup_state_dict(self) -> dict[str, Tensor]:
+        """Live adapter tensors under PEFT's saved names: `rs front` interpolates expert adapters into these."""
+        return pol.trainable_adapter_state(self.policy)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.hparams.lr)
+
+    # -- training -------------------------------------------------------------------------------------------
+
+    @property
+    def ppo_iteration(self) -> int:
+        """PPO iterations (training batches) done so far: 0 inside the first `training_step`, n after n of them
+        (in `on_train_batch_end`, `on_train_end`, and in a run resumed from a checkpoint taken there).
+        Lightning's `global_step` counts optimizer steps instead (ppo_epochs x mini-batches per iteration):
+        size runs with `limit_train_batches` and `max_epochs`."""
+        if self._trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def _step_generator(self, salt: int) -> torch.Generator:
+        # Seeded by the iteration so a resumed run draws the same lengths and mini-batches as an uninterrupted one.
+        return torch.Generator().manual_seed(1_000_003 * self.ppo_iteration + salt)
+
+    def _lengths(self, batch_size: int) -> list[int]:
+        low, high = self.hparams.response_length
+        gen = self._step_generator(1)
+        if self.hparams.length_sampling == "batch":
+            return sample_lengths(low, high, 1, gen) * batch_size
+        return sample_lengths(low, high, batch_size, gen)
+
+    def rollout(self, batch: dict[str, Any], *, greedy: bool, lengths: list[int], ignore_eos: bool) -> Rollout:
+        """Responses of the current policy (eval mode) to a batch of left-padded queries; see `rollout.generate`."""
+        hp = self.hparams
+        was_training = self.policy.training
+        self.policy.eval()  # no dropout while sampling and scoring the behaviour policy
+        try:
+            return generate(
+                self.policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], lengths, greedy=greedy,
+                top_k=hp.top_k, top_p=hp.top_p, temperature=hp.temperature, ignore_eos=ignore_eos,
+            )
+        finally:
+            self.policy.train(was_training)
+
+    def reward_texts(self, batch: dict[str, Any], texts: list[str]) -> list[str]:
+        """What the rewards read as the response: the reference prefix (if any) plus the continuation."""
+        prefixes = batch.get("prefixes")
+        if not self.hparams.reward_includes_prefix or not prefixes:
+            return texts
+        return [(p or "") + t for p, t in zip(prefixes, texts)]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        n = len(batch["prompts"])
+        clock = PhaseClock()
+        ro = self.rollout(batch, greedy=False, lengths=self._lengths(n), ignore_eos=hp.ignore_eos)
+        clock.lap("generate")
+        components = self.score(batch, ro.texts)
+        scores = self.objective.combine(components, update_stats=True).to(self.device)
+        clock.lap("score")
+        mask = ro.response_mask
+        with torch.no_grad():
+            self.policy.eval()
+            old = response_forward(self.policy, self.value_head, ro)
+            with pol.reference_policy(self.policy):
+                ref_logprobs = response_forward(self.policy, None, ro)["logprobs"]
+            self.policy.train()
+            beta = float(self.kl_ctl.value)  # logged as train/kl_coef: the coefficient THIS batch was penalised with
+            rewards, _ = rl.kl_penalized_rewards(scores, old["logprobs"], ref_logprobs, mask, beta)
+            advantages, returns = rl.gae(rewards, old["values"], mask, gamma=hp.gamma, lam=hp.lam)
+            if hp.whiten == "batch":
+                advantages = rl.masked_whiten(advantages, mask)
+            seq_kl = rl.sequence_kl(old["logprobs"], ref_logprobs, mask)
+        clock.lap("reference")
+        stats = self._optimise(ro, old, advantages, returns)
+        clock.lap("optimise")
+
+        self.kl_ctl.update(float(self._all_mean(seq_kl.mean())), n * self.trainer.world_size)
+        self._log_train(components, scores, seq_kl, mask, stats, beta)
+        for phase, seconds in clock.laps.items():  # this rank's wall time: where an iteration's time goes
+            self.log(f"time/{phase}", seconds, on_step=True, on_epoch=False, batch_size=n)
+        self.last_iteration = {"texts": ro.texts, "rewards": components, "timings": clock.laps}
+
+    def score(self, batch: dict[str, Any], texts: list[str]) -> dict[str, Tensor]:
+        """Raw scores {name: [B]} of every reward for the decoded continuations `texts` of `batch`."""
+        contexts = batch.get(self.hparams.reward_prompt_field) or batch["prompts"]
+        return self.objective.score_components(list(contexts), self.reward_texts(batch, texts),
+                                               batch.get("references"))
+
+    def _optimise(self, ro: Rollout, old: dict[str, Tensor], advantages: Tensor, returns: Tensor) -> dict:
+        """`ppo_epochs` passes of clipped PPO over shuffled mini-batches; returns the per-mini-batch stats."""
+        hp = self.hparams
+        opt, mask = self.optimizers(), ro.response_mask
+        stats: dict[str, list[Tensor]] = {}
+        gen = self._step_generator(2)
+        for idx in rl.minibatch_indices(len(mask), hp.mini_batch_size, generator=gen, epochs=hp.ppo_epochs):
+            mb = Rollout(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], mask[idx], [])
+            adv = advantages[idx]
+            if hp.whiten == "minibatch":  # TRL 0.4: whiten inside each mini-batch (skip a single token)
+                adv = rl.masked_whiten(adv, mask[idx]) if int(mask[idx].sum()) > 1 else adv
+            new = response_forward(self.policy, self.value_head, mb, with_entropy=True)
+            loss, mb_stats = rl.ppo_loss(
+                new["logprobs"], old["logprobs"][idx], adv, new["values"], old["values"][idx], returns[idx],
+                mask[idx], clip_range=hp.cliprange, clip_range_value=hp.cliprange_value, vf_coef=hp.vf_coef,
+            )
+            mb_stats["entropy"] = rl.masked_mean(new["entropy"].detach(), mask[idx])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if hp.max_grad_norm is not None:
+                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            for key, value in mb_stats.items():
+                stats.setdefault(key, []).append(torch.as_tensor(value).detach().float())
+        return stats
+
+    def _all_mean(self, value: Tensor) -> Tensor:
+        """Mean over DDP ranks, so every rank updates the KL coefficient identically."""
+        return self.trainer.strategy.reduce(value.detach().to(self.device), reduce_op="mean")
+
+    def _log_train(self, components, scores, seq_kl, mask, stats, beta) -> None:
+        log = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=len(scores))
+        for name, values in components.items():
+            self.log(f"train/reward/{name}", values.mean().to(self.device), prog_bar=True, **log)
+        self.log("train/reward/total", scores.float().mean(), **log)
+        self.log("train/kl", seq_kl.mean(), prog_bar=True, **log)
+        self.log("train/kl_coef", torch.tensor(beta, device=self.device), **log)
+        self.log("train/response_length", mask.sum(1).float().mean(), **log)
+        for key, values in stats.items():
+            self.log(f"train/{key}", torch.stack(values).mean().to(self.device), **log)
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+
+    def _evaluate(self, batch: dict[str, Any], means: nn.ModuleDict, stage: str) -> None:
+        n = len(batch["prompts"])
+        ro = self.rollout(batch, greedy=True, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        components = self.score(batch, ro.texts)
+        total = self.objective.combine(components)
+        for name, values in [*components.items(), ("total", total)]:
+            means[name].update(values.to(self.device))
+            self.log(f"{stage}/reward/{name}", means[name], on_step=False, on_epoch=True, batch_size=n)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_means, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_means, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        n = len(batch["prompts"])
+        ro = self.rollout(batch, greedy=True, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        return [{"prompt": p, "response": r} for p, r in zip(batch["prompts"], ro.texts)]
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Keep what training changes (adapter, value head, reward statistics), not the frozen base model.
+        checkpoint["state_dict"] = pol.without_frozen(self, checkpoint["state_dict"])
+        checkpoint["rs_kl_ctl"] = self.kl_ctl.state_dict()
+        checkpoint["rs_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rs_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = self.state_dict()
+        unknown = [k for k in checkpoint["state_dict"] if k not in own]
+        if unknown:
+            raise KeyError(f"checkpoint holds {len(unknown)} keys this module does not have, e.g. {unknown[:3]}")
+        # The frozen base weights are not in the checkpoint: fill them from the freshly built module.
+        checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
+        if "rs_kl_ctl" in checkpoint:
+            self.kl_ctl.load_state_dict(checkpoint["rs_kl_ctl"])
+        rng = checkpoint.get("rs_rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,119 @@
+"""The text policy: a causal LM with a trainable LoRA, its frozen KL reference, and a scalar value head.
+
+- Fresh LoRA: created under a fixed `lora_init_seed` (independent of the run's seed), so every expert and
+  MORL run of an experiment starts from the SAME A and B at step 0. A soup of factors is only meaningful
+  from a shared theta_0.
+- Existing adapter (the paper starts PPO from an SFT LoRA, Alpaca-LoRA): it is loaded twice, once as the
+  trainable "default" adapter and once, frozen, as the "reference" adapter. The KL reference is therefore
+  the SFT policy, not the bare base model, and it costs no second copy of the base weights.
+- Fresh LoRA: the reference is the base model itself, reached by disabling the adapter.
+- Value head: a linear layer on the last hidden state, initialised under the same fixed seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+REFERENCE_ADAPTER = "reference"
+
+
+class ValueHead(nn.Module):
+    """Scalar value per position: hidden [B, T, H] -> values [B, T]."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def attach_lora(
+    base: nn.Module,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: Sequence[str],
+    init_adapter: str | None,
+    lora_init_seed: int,
+) -> nn.Module:
+    """Wrap `base` in a PeftModel: a fresh seeded LoRA, or `init_adapter` trainable plus a frozen copy."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(base, init_adapter, adapter_name="default", is_trainable=True)
+        model.load_adapter(init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter("default")
+        freeze_reference(model)
+        return model
+    fan_in_fan_out = getattr(base.config, "model_type", "") == "gpt2"  # GPT-2 uses Conv1D layers
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora_init_seed)
+        return get_peft_model(base, config)
+
+
+def freeze_reference(model: nn.Module) -> None:
+    """peft's set_adapter can flip requires_grad on; keep the reference adapter frozen."""
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name or name.endswith(f".{REFERENCE_ADAPTER}"):
+            param.requires_grad_(False)
+
+
+def make_value_head(hidden_size: int, seed: int) -> ValueHead:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ValueHead(hidden_size)
+
+
+@contextlib.contextmanager
+def reference_policy(model: nn.Module) -> Iterator[None]:
+    """Inside this block `model` computes the KL reference: the frozen SFT adapter, or the bare base model."""
+    adapters = getattr(model, "peft_config", {})
+    if REFERENCE_ADAPTER in adapters:
+        # inference_mode: switching adapters must not make the reference trainable, even for a moment.
+        model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        try:
+            yield
+        finally:
+            model.set_adapter("default")  # trainable again; peft freezes the inactive reference
+            freeze_reference(model)
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def trainable_adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable adapter tensors under PEFT's saved key names (what `save_pretrained` writes)."""
+    from peft import get_peft_model_state_dict
+
+    # save_embedding_layers=False: a LoRA on lm_head must not drag the frozen base lm_head/embedding matrices into
+    # every expert (peft's "auto" saves them), where soups would average identical copies of base weights.
+    return get_peft_model_state_dict(model, adapter_name="default", save_embedding_layers=False)
+
+
+def _clean(name: str) -> str:
+    # FSDP and activation checkpointing insert wrapper segments into parameter names.
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def without_frozen(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of `module`'s `state_dict` that training changes: trainable parameters (the adapter, the value
+    head) and buffers (reward statistics). The frozen base model (and a frozen reference adapter) is left out: a
+    checkpoint rebuilds it from the config, so it stays megabytes for a 7B policy."""
+    keep = {_clean(n) for n, p in module.named_parameters() if p.requires_grad}
+    keep |= {_clean(n) for n, _ in module.named_buffers()}
+    return {k: v for k, v in state_dict.items() if _clean(k) in keep}

@@ -1,0 +1,129 @@
+"""Rollouts for PPO on text: sample responses, build their masks, and score them with one forward pass.
+
+Layout of a batch: queries are LEFT-padded ([B, Tq], so every query ends at the same column) and
+responses follow them ([B, Tr]). Response masks mark the real response tokens: with `ignore_eos` (the
+paper) every one of the first `length_i` tokens is real; otherwise tokens after the first EOS are padding.
+Masks never come from `ids == pad_token_id`: for SmolLM2 pad = eos = <|im_end|>.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rs_lightning.rl import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses. Shapes: queries [B, Tq], responses [B, Tr]."""
+
+    query_ids: Tensor
+    query_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    texts: list[str]
+
+
+def sample_lengths(low: int, high: int, n: int, generator: torch.Generator) -> list[int]:
+    """`n` response lengths drawn uniformly from [low, high] (the paper's LengthSampler(16, 32))."""
+    if not 1 <= low <= high:
+        raise ValueError(f"response length range must satisfy 1 <= low <= high, got ({low}, {high})")
+    return torch.randint(low, high + 1, (n,), generator=generator).tolist()
+
+
+def generation_config(tokenizer, max_new_tokens: int, *, greedy: bool, top_k: int, top_p: float,
+                      temperature: float, ignore_eos: bool):
+    from transformers import GenerationConfig
+
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    # An empty EOS list makes generate run to max_new_tokens (the paper's eos_token_id=-1, without the
+    # warning); None would fall back to the model's own EOS.
+    kwargs["eos_token_id"] = [] if ignore_eos else tokenizer.eos_token_id
+    if greedy:
+        return GenerationConfig(do_sample=False, **kwargs)
+    return GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature, **kwargs)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, query_ids: Tensor, query_mask: Tensor, lengths: list[int], *,
+             greedy: bool = False, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+             ignore_eos: bool = True) -> Rollout:
+    """Sample (or decode greedily) up to max(lengths) tokens; response i keeps its first lengths[i] tokens."""
+    config = generation_config(tokenizer, max(lengths), greedy=greedy, top_k=top_k, top_p=top_p,
+                               temperature=temperature, ignore_eos=ignore_eos)
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    response = out[:, query_ids.shape[1]:]
+    positions = torch.arange(response.shape[1], device=response.device)
+    mask = positions[None, :] < torch.tensor(lengths, device=response.device)[:, None]
+    if not ignore_eos and tokenizer.eos_token_id is not None:
+        is_eos = (response == tokenizer.eos_token_id) & mask
+        # Keep the first EOS as the last real token, drop what follows it.
+        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        mask &= ~after_eos
+    mask = mask.long()
+    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = [
+        tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True) for ids, m in zip(response, mask)
+    ]
+    return Rollout(query_ids, query_mask, response, mask, texts)
+
+
+def response_forward(model: nn.Module, value_head: nn.Module | None, rollout: Rollout, *,
+                     with_entropy: bool = False) -> dict[str, Tensor]:
+    """Log-probabilities [B, Tr] of the response tokens (and values, entropy) in one forward pass."""
+    ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
+    # Explicit positions: with left padding the first real token must sit at position 0.
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    t_resp = rollout.response_ids.shape[1]
+    captured: dict[str, Tensor] = {}
+    hook = None
+    if value_head is not None:
+        # The value head reads the decoder's last hidden state, caught by a hook rather than through
+        # `output_hidden_states`: transformers 5 records hidden states through a per-class registry filled when a
+        # model is constructed, so a model unpickled in a ddp_spawn worker returns hidden_states=None. The hook
+        # also avoids keeping every layer's states alive.
+        hook = decoder_of(model).register_forward_hook(_keep_last_hidden(captured))
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    finally:
+        if hook is not None:
+            hook.remove()
+    # Position t predicts token t + 1: the logits for the response come from the token before each one.
+    logits = out.logits[:, -t_resp - 1 : -1].float()
+    result = {"logprobs": logprobs_from_logits(logits, rollout.response_ids)}
+    if value_head is not None:
+        result["values"] = value_head(captured["hidden"][:, -t_resp - 1 : -1])
+    if with_entropy:
+        result["entropy"] = entropy_from_logits(logits)
+    return result
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a (PEFT-wrapped) causal LM: its output is the last hidden state [B, T, H]."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def _keep_last_hidden(store: dict[str, Tensor]):
+    def hook(module: nn.Module, args, output) -> None:
+        store["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    return hook
+
+
+class PhaseClock:
+    """Wall time of the phases of one PPO iteration: `laps` maps phase name -> seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
