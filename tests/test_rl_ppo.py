@@ -301,3 +301,17 @@ def test_minibatch_indices_partition_each_epoch():
     again = minibatch_indices(10, 4, torch.Generator().manual_seed(0), epochs=2)
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
     assert [len(b) for b in minibatch_indices(10, 4, epochs=3, drop_last=True)] == [4] * 6
+
+
+def test_sequence_advantages_exact_values():
+    from rs_lightning.rl import sequence_advantages
+
+    scores = torch.tensor([1.0, 3.0])
+    seq_kl = torch.tensor([0.5, 1.5])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = sequence_advantages(scores, seq_kl, mask, kl_coef=0.1, eps=0.0)
+    # z-scores (population std 1): -1 and +1; KL centred: -0.5 and +0.5, times beta 0.1.
+    expected = torch.tensor([[-1 + 0.05, -1 + 0.05, 0.0], [1 - 0.05, 1 - 0.05, 1 - 0.05]])
+    torch.testing.assert_close(adv, expected)
+    same = sequence_advantages(torch.tensor([2.0, 2.0]), torch.zeros(2), mask, kl_coef=0.1)
+    assert torch.equal(same, torch.zeros_like(same))

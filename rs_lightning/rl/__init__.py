@@ -16,6 +16,7 @@ from rs_lightning.rl.ppo import (
     ppo_value_loss,
 )
 from rs_lightning.rl.scst import greedy_baseline, leave_one_out_baseline, scst_loss, sequence_logprobs
+from rs_lightning.rl.sequence import sequence_advantages
 from rs_lightning.rl.whiten import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "scst_loss",
+    "sequence_advantages",
     "sequence_kl",
     "sequence_logprobs",
 ]

@@ -51,7 +51,10 @@ class TextPPOModule(L.LightningModule):
         init_kl_coef, adaptive_kl, kl_target, kl_horizon: KL penalty (paper 0.2 (0.05 summaries), on, 6, 10000).
         gamma, lam: GAE (1, 0.95). cliprange, cliprange_value, vf_coef: PPO (0.2, 0.2, 0.1).
         max_grad_norm: gradient clipping (None: off, as TRL 0.4).
-        whiten: "minibatch" (TRL 0.4, the paper) or "batch": where advantages are whitened.
+        whiten: "minibatch" (TRL 0.4, the paper) or "batch": where GAE advantages are whitened.
+        advantage: "gae" (the paper: GAE with the learned value head) or "sequence" (critic-free: the batch
+            z-score of each response's KL-penalised return on every token; learns from the first iteration,
+            for short CPU runs; see rl/sequence.py).
         response_length: (low, high) of max_new_tokens, drawn uniformly (paper 16..32).
         length_sampling: "batch" (one length per batch, as TRL) or "prompt" (one per prompt).
         ignore_eos: generate past EOS as the paper does (every response has exactly its length).
@@ -93,6 +96,7 @@ class TextPPOModule(L.LightningModule):
         vf_coef: float = 0.1,
         max_grad_norm: float | None = None,
         whiten: str = "minibatch",
+        advantage: str = "gae",
         response_length: tuple[int, int] = (16, 32),
         length_sampling: str = "batch",
         ignore_eos: bool = True,
@@ -121,6 +125,7 @@ class TextPPOModule(L.LightningModule):
             reward_weights = [1.0]
         fields = ("prompts", "instructions", "inputs")
         for arg, value, choices in (("whiten", whiten, ("minibatch", "batch")),
+                                    ("advantage", advantage, ("gae", "sequence")),
                                     ("length_sampling", length_sampling, ("batch", "prompt")),
                                     ("reward_prompt_field", reward_prompt_field, fields)):
             if value not in choices:
@@ -228,6 +233,8 @@ class TextPPOModule(L.LightningModule):
             if hp.whiten == "batch":
                 advantages = rl.masked_whiten(advantages, mask)
             seq_kl = rl.sequence_kl(old["logprobs"], ref_logprobs, mask)
+            if hp.advantage == "sequence":  # already normalised over the batch: no further whitening
+                advantages = rl.sequence_advantages(scores, seq_kl, mask, beta)
         clock.lap("reference")
         stats = self._optimise(ro, old, advantages, returns)
         clock.lap("optimise")
@@ -253,7 +260,7 @@ class TextPPOModule(L.LightningModule):
         for idx in rl.minibatch_indices(len(mask), hp.mini_batch_size, generator=gen, epochs=hp.ppo_epochs):
             mb = Rollout(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], mask[idx], [])
             adv = advantages[idx]
-            if hp.whiten == "minibatch":  # TRL 0.4: whiten inside each mini-batch (skip a single token)
+            if hp.whiten == "minibatch" and hp.advantage == "gae":  # TRL 0.4: whiten inside each mini-batch
                 adv = rl.masked_whiten(adv, mask[idx]) if int(mask[idx].sum()) > 1 else adv
             new = response_forward(self.policy, self.value_head, mb, with_entropy=True)
             loss, mb_stats = rl.ppo_loss(

@@ -89,7 +89,10 @@ def response_forward(model: nn.Module, value_head: nn.Module | None, rollout: Ro
         # also avoids keeping every layer's states alive.
         hook = decoder_of(model).register_forward_hook(_keep_last_hidden(captured))
     try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        # logits_to_keep: only the last t_resp + 1 positions go through the LM head (a 49k-word head on the
+        # prompt tokens too would cost more than the rest of the model for a 135M model).
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=t_resp + 1)
     finally:
         if hook is not None:
             hook.remove()
