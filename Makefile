@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench lint demo clean
+.PHONY: install test bench lint demo demo-quick clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ test: install
 bench: install
 	mkdir -p benchmarks/.results
 	HF_HUB_OFFLINE=1 $(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/.results/bench.json
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/rs demo $(DEMO_ARGS)
+
+demo-quick: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/rs demo --quick $(DEMO_ARGS)
 
 lint: install
 	$(PY) -m ruff check rs_lightning tests benchmarks scripts

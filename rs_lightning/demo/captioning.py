@@ -1,0 +1,113 @@
+"""The captioning family of `rs demo`: a tiny CoCa on the synthetic caption set, BLEU-1 vs ROUGE-L.
+
+Stages (configs/captioning/*.yaml, sized for a 2-core CPU):
+  init        cross-entropy (XE) training of the captioner: the shared theta_0 of every SCST run
+  expert x2   SCST on BLEU-1 and on ROUGE-L (mu one-hot; both logged), for every seed
+  morl        SCST on 0.5 BLEU-1 + 0.5 ROUGE-L (seed 0)
+  front       11 full-weight soups of the seed-0 experts + init + MORL, beam-5 evaluation of every metric
+  spread      the seed-1 experts evaluated the same way (endpoints only)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, fit, sweep
+
+REWARDS = ["bleu1", "rouge_l"]
+NADIR, IDEAL = [0.0, 0.0], [1.0, 1.0]  # both metrics live in [0, 1]
+PREFERENCES = [[0.8, 0.2], [0.5, 0.5], [0.2, 0.8]]
+PROFILES = {
+    "default": {},
+    "quick": {"data.num_train": 64, "data.num_test": 16, "data.num_val": 8, "data.eval_batch_size": 16,
+              "model.beam_size": 2, "xe_epochs": 1, "scst_epochs": 1},
+}
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((CONFIG_ROOT / "captioning" / name).read_text())
+
+
+def _apply(config: dict, settings: dict) -> dict:
+    for dotted, value in settings.items():
+        if "." in dotted and dotted.split(".")[0] in ("model", "data"):
+            section, key = dotted.split(".")
+            if key in config[section]["init_args"] or section == "data":
+                config[section]["init_args"][key] = value
+    return config
+
+
+def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | None) -> dict:
+    config = copy.deepcopy(config)
+    config["seed_everything"] = seed
+    if config["model"]["init_args"].get("stage") == "scst":
+        config["model"]["init_args"]["sample_seed"] = seed  # the data seed stays: it defines the dataset
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = str(run_dir)
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                         "init_args": {"save_dir": str(run_dir), "name": "logs"}}
+    trainer["callbacks"] = [{"class_path": "rs_lightning.tasks.captioning.export.ExportCaptioner",
+                             "init_args": {"path": str(output)}}]
+    trainer["enable_progress_bar"] = True
+    trainer["enable_model_summary"] = False
+    if epochs is not None:
+        trainer["max_epochs"] = epochs
+    return config
+
+
+def _front(base: dict, out_dir: Path, experts: list[Path], *, init: Path | None, morl: Path | None,
+           points: int) -> dict:
+    model = copy.deepcopy(base["model"])
+    model["init_args"].pop("init_checkpoint", None)
+    # At test time every evaluation metric is logged as test/reward/<name>; the training reward is unused.
+    model["init_args"].update(rewards=["bleu1"], reward_weights=None, corpus_metrics=False)
+    front = {"experts": [{"path": str(p), "name": n} for p, n in zip(experts, REWARDS)],
+             "grid": {"kind": "sweep", "points": points, "include_uniform": points > 2},
+             "out_dir": str(out_dir),
+             "summary": {"rewards": REWARDS, "ideal": IDEAL, "nadir": NADIR, "preferences": PREFERENCES}}
+    if init is not None:
+        front["init"] = {"path": str(init), "name": "init"}
+    if morl is not None:
+        front["morl"] = [{"path": str(morl), "mu": [0.5, 0.5], "name": "morl"}]
+    return {"seed_everything": 0, "model": model, "data": copy.deepcopy(base["data"]),
+            "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
+
+
+def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: int | None = None,
+         points: int = 11) -> list[Stage]:
+    """The ordered stages of the captioning demo under `out` (`iterations` = SCST epochs here)."""
+    settings = PROFILES[profile]
+    xe = _apply(_load("xe_init.yaml"), settings)
+    scst = _apply(_load("scst_morl_bleu1_rouge_l.yaml"), settings)
+    scst_epochs = iterations or settings.get("scst_epochs")
+    init = out / "init" / "model.safetensors"
+    stages = [Stage("init-xe", "init", init, _run(xe, out / "init", init, seeds[0], settings.get("xe_epochs")), fit)]
+    scst["model"]["init_args"]["init_checkpoint"] = str(init)
+    experts: dict[int, list[Path]] = {}
+    for seed in seeds:
+        experts[seed] = []
+        for i, name in enumerate(REWARDS):
+            mu = [1.0 if j == i else 0.0 for j in range(len(REWARDS))]
+            run_dir = out / f"seed{seed}" / name
+            output = run_dir / "model.safetensors"
+            experts[seed].append(output)
+            config = _run(scst, run_dir, output, seed, scst_epochs)
+            config["model"]["init_args"]["reward_weights"] = mu
+            stages.append(Stage(f"seed{seed}-{name}", "expert", output, config, fit, seed=seed, mu=mu))
+    morl_dir = out / f"seed{seeds[0]}" / "morl"
+    morl = morl_dir / "model.safetensors"
+    config = _run(scst, morl_dir, morl, seeds[0], scst_epochs)
+    config["model"]["init_args"]["reward_weights"] = [0.5, 0.5]
+    stages.append(Stage(f"seed{seeds[0]}-morl", "morl", morl, config, fit, seed=seeds[0], mu=[0.5, 0.5]))
+    stages.append(Stage("front", "front", out / "front" / "summary.json",
+                        _front(scst, out / "front", experts[seeds[0]], init=init, morl=morl, points=points),
+                        sweep, trains=False))
+    for seed in seeds[1:]:
+        spread = out / f"front_seed{seed}"
+        stages.append(Stage(f"front-seed{seed}", "front", spread / "summary.json",
+                            _front(scst, spread, experts[seed], init=None, morl=None, points=2),
+                            sweep, trains=False, seed=seed))
+    return stages

@@ -1,0 +1,120 @@
+"""The text family of `rs demo`: SmolLM2-135M-Instruct + LoRA, VADER positivity vs MiniLM relevance.
+
+Stages (the offline review task of configs/text/review_*.yaml, settings of the feasibility study):
+  init        the shared theta_0: SmolLM2 with a fresh LoRA (seeded, identical for every run), exported
+  expert x2   PPO on one reward each (mu one-hot), for every seed (seed 0 and 1 by default: the spread)
+  morl        PPO on 0.5 vader + 0.5 relevance (seed 0), the baseline one training per preference buys
+  front       11 soups of the seed-0 experts + init + MORL, in place, every reward, summary and front.png
+  spread      the seed-1 experts evaluated the same way (endpoints only), to measure the seed spread
+The "quick" profile swaps in the tiny random model and a few iterations: the same pipeline in a minute.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, fit, sweep
+
+BASE_CONFIG = CONFIG_ROOT / "text" / "review_vader.yaml"
+REWARDS = ["vader", "relevance"]
+# Fixed per-task normalisation for hypervolume: VADER compound in [-1, 1], cosine relevance in [0, 1].
+NADIR, IDEAL = [-1.0, 0.0], [1.0, 1.0]
+PREFERENCES = [[0.8, 0.2], [0.5, 0.5], [0.2, 0.8]]
+
+PROFILES = {
+    "default": {},
+    "quick": {
+        "model.model": "tiny-random", "data.tokenizer": "tiny-random", "model.response_length": [8, 8],
+        "model.eval_max_new_tokens": 8, "data.num_train": 16, "data.num_val": 4, "data.num_test": 4,
+        "data.batch_size": 4, "data.eval_batch_size": 4, "iterations": 2,
+    },
+}
+
+
+def base_config(profile: str, iterations: int | None) -> dict:
+    config = yaml.safe_load(BASE_CONFIG.read_text())
+    settings = dict(PROFILES[profile])
+    its = iterations or settings.pop("iterations", None)
+    settings.pop("iterations", None)
+    for dotted, value in settings.items():
+        section, key = dotted.split(".")
+        config[section]["init_args"][key] = value
+    if its is not None:
+        config["trainer"]["limit_train_batches"] = its
+    return config
+
+
+def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> dict:
+    config = copy.deepcopy(base)
+    config["seed_everything"] = seed
+    config["model"]["init_args"]["reward_weights"] = mu
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = str(run_dir)
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                         "init_args": {"save_dir": str(run_dir), "name": "logs"}}
+    trainer["callbacks"] = [{"class_path": "rs_lightning.tasks.text.export.ExportExpert",
+                             "init_args": {"dirpath": str(run_dir / "expert")}}]
+    trainer["enable_progress_bar"] = True
+    trainer["enable_model_summary"] = False
+    return config
+
+
+def front_config(base: dict, out_dir: Path, experts: list[Path], *, init: Path | None, morl: Path | None,
+                 points: int) -> dict:
+    front = {
+        "experts": [{"path": str(p), "name": n} for p, n in zip(experts, REWARDS)],
+        "grid": {"kind": "sweep", "points": points, "include_uniform": points > 2},
+        "out_dir": str(out_dir),
+        "summary": {"rewards": REWARDS, "ideal": IDEAL, "nadir": NADIR, "preferences": PREFERENCES},
+    }
+    if init is not None:
+        front["init"] = {"path": str(init), "name": "init"}
+    if morl is not None:
+        front["morl"] = [{"path": str(morl), "mu": [0.5, 0.5], "name": "morl"}]
+    return {"seed_everything": 0, "model": copy.deepcopy(base["model"]), "data": copy.deepcopy(base["data"]),
+            "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
+
+
+def export_init(config_path: Path, target: Path) -> None:
+    """Build the module exactly as a training run would (same LoRA seed) and export it untrained."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from rs_lightning.tasks.text.export import export_expert
+
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, save_config_callback=None,
+                       args=["--config", str(config_path)])
+    export_expert(cli.model, target)
+
+
+def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: int | None = None,
+         points: int = 11) -> list[Stage]:
+    """The ordered stages of the text demo under `out`."""
+    base = base_config(profile, iterations)
+    init_dir = out / "init" / "expert"
+    stages = [Stage("init", "init", init_dir, training_config(base, out / "init", seeds[0], [1.0, 0.0]),
+                    lambda path: export_init(path, init_dir), trains=False)]
+    experts: dict[int, list[Path]] = {}
+    for seed in seeds:
+        experts[seed] = []
+        for i, name in enumerate(REWARDS):
+            mu = [1.0 if j == i else 0.0 for j in range(len(REWARDS))]
+            run_dir = out / f"seed{seed}" / name
+            experts[seed].append(run_dir / "expert")
+            stages.append(Stage(f"seed{seed}-{name}", "expert", run_dir / "expert",
+                                training_config(base, run_dir, seed, mu), fit, seed=seed, mu=mu))
+    morl_dir = out / f"seed{seeds[0]}" / "morl"
+    stages.append(Stage(f"seed{seeds[0]}-morl", "morl", morl_dir / "expert",
+                        training_config(base, morl_dir, seeds[0], [0.5, 0.5]), fit, seed=seeds[0], mu=[0.5, 0.5]))
+    front_dir = out / "front"
+    stages.append(Stage("front", "front", front_dir / "summary.json",
+                        front_config(base, front_dir, experts[seeds[0]], init=init_dir, morl=morl_dir / "expert",
+                                     points=points), sweep, trains=False))
+    for seed in seeds[1:]:
+        spread_dir = out / f"front_seed{seed}"
+        stages.append(Stage(f"front-seed{seed}", "front", spread_dir / "summary.json",
+                            front_config(base, spread_dir, experts[seed], init=None, morl=None, points=2),
+                            sweep, trains=False, seed=seed))
+    return stages
