@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, fit, sweep
+from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, fit, front_section, method_stages
 
 REWARDS = ["bleu1", "rouge_l"]
 NADIR, IDEAL = [0.0, 0.0], [1.0, 1.0]  # both metrics live in [0, 1]
@@ -58,20 +58,14 @@ def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | Non
     return config
 
 
-def _front(base: dict, out_dir: Path, experts: list[Path], *, init: Path | None, morl: Path | None,
+def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, morl: Path | None,
            points: int) -> dict:
     model = copy.deepcopy(base["model"])
     model["init_args"].pop("init_checkpoint", None)
     # At test time every evaluation metric is logged as test/reward/<name>; the training reward is unused.
     model["init_args"].update(rewards=["bleu1"], reward_weights=None, corpus_metrics=False)
-    front = {"experts": [{"path": str(p), "name": n} for p, n in zip(experts, REWARDS)],
-             "grid": {"kind": "sweep", "points": points, "include_uniform": points > 2},
-             "out_dir": str(out_dir),
-             "summary": {"rewards": REWARDS, "ideal": IDEAL, "nadir": NADIR, "preferences": PREFERENCES}}
-    if init is not None:
-        front["init"] = {"path": str(init), "name": "init"}
-    if morl is not None:
-        front["morl"] = [{"path": str(morl), "mu": [0.5, 0.5], "name": "morl"}]
+    front = front_section(REWARDS, experts, out_dir, init=init, morl=morl, points=points, ideal=IDEAL,
+                          nadir=NADIR, preferences=PREFERENCES)
     return {"seed_everything": 0, "model": model, "data": copy.deepcopy(base["data"]),
             "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
 
@@ -83,31 +77,18 @@ def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: i
     xe = _apply(_load("xe_init.yaml"), settings)
     scst = _apply(_load("scst_morl_bleu1_rouge_l.yaml"), settings)
     scst_epochs = iterations or settings.get("scst_epochs")
-    init = out / "init" / "model.safetensors"
-    stages = [Stage("init-xe", "init", init, _run(xe, out / "init", init, seeds[0], settings.get("xe_epochs")), fit)]
-    scst["model"]["init_args"]["init_checkpoint"] = str(init)
-    experts: dict[int, list[Path]] = {}
-    for seed in seeds:
-        experts[seed] = []
-        for i, name in enumerate(REWARDS):
-            mu = [1.0 if j == i else 0.0 for j in range(len(REWARDS))]
-            run_dir = out / f"seed{seed}" / name
-            output = run_dir / "model.safetensors"
-            experts[seed].append(output)
-            config = _run(scst, run_dir, output, seed, scst_epochs)
-            config["model"]["init_args"]["reward_weights"] = mu
-            stages.append(Stage(f"seed{seed}-{name}", "expert", output, config, fit, seed=seed, mu=mu))
-    morl_dir = out / f"seed{seeds[0]}" / "morl"
-    morl = morl_dir / "model.safetensors"
-    config = _run(scst, morl_dir, morl, seeds[0], scst_epochs)
-    config["model"]["init_args"]["reward_weights"] = [0.5, 0.5]
-    stages.append(Stage(f"seed{seeds[0]}-morl", "morl", morl, config, fit, seed=seeds[0], mu=[0.5, 0.5]))
-    stages.append(Stage("front", "front", out / "front" / "summary.json",
-                        _front(scst, out / "front", experts[seeds[0]], init=init, morl=morl, points=points),
-                        sweep, trains=False))
-    for seed in seeds[1:]:
-        spread = out / f"front_seed{seed}"
-        stages.append(Stage(f"front-seed{seed}", "front", spread / "summary.json",
-                            _front(scst, spread, experts[seed], init=None, morl=None, points=2),
-                            sweep, trains=False, seed=seed))
-    return stages
+    init_path = out / "init" / "model.safetensors"
+    init = Stage("init-xe", "init", init_path, _run(xe, out / "init", init_path, seeds[0], settings.get("xe_epochs")),
+                 fit)
+    scst["model"]["init_args"]["init_checkpoint"] = str(init_path)
+
+    def train(run_dir: Path, seed: int, mu: list[float]) -> tuple[dict, Path]:
+        output = run_dir / "model.safetensors"
+        config = _run(scst, run_dir, output, seed, scst_epochs)
+        config["model"]["init_args"]["reward_weights"] = mu
+        return config, output
+
+    def front(out_dir, experts, init_path, morl, n):
+        return _front(scst, out_dir, experts, init_path, morl, n)
+
+    return method_stages(out, seeds, REWARDS, init, train, front, points)

@@ -104,3 +104,49 @@ def _command(stage: Stage, config_path: Path) -> str:
 
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, init: Path | None, morl: Path | None,
+                  points: int, ideal: list[float], nadir: list[float], preferences: list[list[float]]) -> dict:
+    """The `front:` section of an `rs front` config for two experts (and optionally init and MORL at 0.5)."""
+    front = {
+        "experts": [{"path": str(p), "name": n} for p, n in zip(experts, rewards)],
+        "grid": {"kind": "sweep", "points": points, "include_uniform": points > 2},
+        "out_dir": str(out_dir),
+        "summary": {"rewards": rewards, "ideal": ideal, "nadir": nadir, "preferences": preferences},
+    }
+    if init is not None:
+        front["init"] = {"path": str(init), "name": "init"}
+    if morl is not None:
+        front["morl"] = [{"path": str(morl), "mu": [0.5, 0.5], "name": "morl"}]
+    return front
+
+
+def method_stages(out: Path, seeds: list[int], rewards: list[str], init: Stage,
+                  train: Callable[[Path, int, list[float]], tuple[dict, Path]],
+                  front: Callable[[Path, list[Path], Path | None, Path | None, int], dict],
+                  points: int) -> list[Stage]:
+    """The method's stages after the init: an expert per reward and seed, MORL at mu = 0.5, the sweeps.
+
+    Args:
+        train: (run folder, seed, mu) -> (LightningCLI config, the path of the exported expert).
+        front: (out folder, experts, init, morl, points) -> `rs front` config.
+    """
+    stages = [init]
+    experts: dict[int, list[Path]] = {}
+    for seed in seeds:
+        experts[seed] = []
+        for i, name in enumerate(rewards):
+            mu = [1.0 if j == i else 0.0 for j in range(len(rewards))]
+            config, output = train(out / f"seed{seed}" / name, seed, mu)
+            experts[seed].append(output)
+            stages.append(Stage(f"seed{seed}-{name}", "expert", output, config, fit, seed=seed, mu=mu))
+    config, morl = train(out / f"seed{seeds[0]}" / "morl", seeds[0], [0.5, 0.5])
+    stages.append(Stage(f"seed{seeds[0]}-morl", "morl", morl, config, fit, seed=seeds[0], mu=[0.5, 0.5]))
+    stages.append(Stage("front", "front", out / "front" / "summary.json",
+                        front(out / "front", experts[seeds[0]], init.output, morl, points), sweep, trains=False))
+    for seed in seeds[1:]:  # the other seeds' experts alone: the seed spread of each expert
+        spread = out / f"front_seed{seed}"
+        stages.append(Stage(f"front-seed{seed}", "front", spread / "summary.json",
+                            front(spread, experts[seed], None, None, 2), sweep, trains=False, seed=seed))
+    return stages

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, fit, sweep
+from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, front_section, method_stages
 
 BASE_CONFIG = CONFIG_ROOT / "text" / "review_vader.yaml"
 REWARDS = ["vader", "relevance"]
@@ -62,18 +62,10 @@ def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> di
     return config
 
 
-def front_config(base: dict, out_dir: Path, experts: list[Path], *, init: Path | None, morl: Path | None,
+def front_config(base: dict, out_dir: Path, experts: list[Path], init: Path | None, morl: Path | None,
                  points: int) -> dict:
-    front = {
-        "experts": [{"path": str(p), "name": n} for p, n in zip(experts, REWARDS)],
-        "grid": {"kind": "sweep", "points": points, "include_uniform": points > 2},
-        "out_dir": str(out_dir),
-        "summary": {"rewards": REWARDS, "ideal": IDEAL, "nadir": NADIR, "preferences": PREFERENCES},
-    }
-    if init is not None:
-        front["init"] = {"path": str(init), "name": "init"}
-    if morl is not None:
-        front["morl"] = [{"path": str(morl), "mu": [0.5, 0.5], "name": "morl"}]
+    front = front_section(REWARDS, experts, out_dir, init=init, morl=morl, points=points, ideal=IDEAL,
+                          nadir=NADIR, preferences=PREFERENCES)
     return {"seed_everything": 0, "model": copy.deepcopy(base["model"]), "data": copy.deepcopy(base["data"]),
             "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
 
@@ -94,27 +86,13 @@ def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: i
     """The ordered stages of the text demo under `out`."""
     base = base_config(profile, iterations)
     init_dir = out / "init" / "expert"
-    stages = [Stage("init", "init", init_dir, training_config(base, out / "init", seeds[0], [1.0, 0.0]),
-                    lambda path: export_init(path, init_dir), trains=False)]
-    experts: dict[int, list[Path]] = {}
-    for seed in seeds:
-        experts[seed] = []
-        for i, name in enumerate(REWARDS):
-            mu = [1.0 if j == i else 0.0 for j in range(len(REWARDS))]
-            run_dir = out / f"seed{seed}" / name
-            experts[seed].append(run_dir / "expert")
-            stages.append(Stage(f"seed{seed}-{name}", "expert", run_dir / "expert",
-                                training_config(base, run_dir, seed, mu), fit, seed=seed, mu=mu))
-    morl_dir = out / f"seed{seeds[0]}" / "morl"
-    stages.append(Stage(f"seed{seeds[0]}-morl", "morl", morl_dir / "expert",
-                        training_config(base, morl_dir, seeds[0], [0.5, 0.5]), fit, seed=seeds[0], mu=[0.5, 0.5]))
-    front_dir = out / "front"
-    stages.append(Stage("front", "front", front_dir / "summary.json",
-                        front_config(base, front_dir, experts[seeds[0]], init=init_dir, morl=morl_dir / "expert",
-                                     points=points), sweep, trains=False))
-    for seed in seeds[1:]:
-        spread_dir = out / f"front_seed{seed}"
-        stages.append(Stage(f"front-seed{seed}", "front", spread_dir / "summary.json",
-                            front_config(base, spread_dir, experts[seed], init=None, morl=None, points=2),
-                            sweep, trains=False, seed=seed))
-    return stages
+    init = Stage("init", "init", init_dir, training_config(base, out / "init", seeds[0], [1.0, 0.0]),
+                 lambda path: export_init(path, init_dir), trains=False)
+
+    def train(run_dir: Path, seed: int, mu: list[float]) -> tuple[dict, Path]:
+        return training_config(base, run_dir, seed, mu), run_dir / "expert"
+
+    def front(out_dir, experts, init_path, morl, n):
+        return front_config(base, out_dir, experts, init_path, morl, n)
+
+    return method_stages(out, seeds, REWARDS, init, train, front, points)
