@@ -172,3 +172,27 @@ def test_lora_shaped_merge(benchmark, machine, method, k):
         machine=machine, device=DEVICE, P=p, K=k, dtype=str(dtype).removeprefix("torch."), method=method,
         tensors=len(LORA_SHAPES), us_per_merge=round(benchmark.stats.stats.min * 1e6, 1),
     )
+
+
+@pytest.mark.parametrize("k", [3])
+def test_streaming_file_merge(benchmark, machine, tmp_path, k):
+    """End to end from disk: K safetensors files -> merged safetensors, tensor by tensor (rs soup's path)."""
+    from safetensors.torch import save_file
+
+    from rs_lightning.soup import merge_files
+
+    p = SIZES[0]
+    paths = []
+    for i, sd in enumerate(make_sources(p, k, torch.float32)):
+        path = tmp_path / f"expert{i}.safetensors"
+        save_file({key: v.cpu().contiguous() for key, v in sd.items()}, str(path))
+        paths.append(str(path))
+    out = tmp_path / "soup"
+
+    def merge():
+        merge_files(paths, weights_for(k), out, overwrite=True)
+
+    benchmark.pedantic(merge, rounds=3, warmup_rounds=1)
+    seconds = benchmark.stats.stats.min
+    benchmark.extra_info.update(machine=machine, P=p, K=k, dtype="fp32", method="merge_files",
+                                gb_per_s=round((k + 1) * p * 4 / seconds / 1e9, 2))
