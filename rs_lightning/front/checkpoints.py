@@ -153,26 +153,13 @@ def check_fit(target: Mapping[str, Tensor], named: Sequence[tuple[Checkpoint, Ma
 
 
 def peft_soup_state_dict(peft_model, adapter_name: str = "default") -> dict[str, Tensor]:
-    """A LoRA task's `soup_state_dict()`: the live adapter tensors under the names PEFT saves them with.
-
-    PEFT keeps "...lora_A.default.weight" in the module but writes "...lora_A.weight" to
-    adapter_model.safetensors; `get_peft_model_state_dict` does that renaming and returns views of the
-    parameters, so writing into them updates the model. A task holding its PEFT model as `self.policy`:
+    """A LoRA task's `soup_state_dict()`: the live adapter tensors under PEFT's saved names.
 
         def soup_state_dict(self):
             return peft_soup_state_dict(self.policy)
 
-    Raises:
-        FrontError: if PEFT returned copies (a soup written into them would never reach the model).
+    See `rs_lightning.soup.lora.live_adapter_state` (raises SoupError if PEFT returned copies).
     """
-    from peft.utils import get_peft_model_state_dict
+    from rs_lightning.soup.lora import live_adapter_state
 
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    live = {t.data_ptr() for t in [*peft_model.parameters(), *peft_model.buffers()]}
-    copied = [k for k, v in state.items() if v.numel() and v.data_ptr() not in live]
-    if copied:
-        raise FrontError(
-            f"PEFT returned a copy of '{copied[0]}' (not the live parameter): this peft version cannot be "
-            "souped in place; write the task's soup_state_dict() from named_parameters() instead"
-        )
-    return state
+    return live_adapter_state(peft_model, adapter_name)

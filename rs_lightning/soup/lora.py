@@ -339,3 +339,27 @@ def merge_lora_into_base(
         w0 = target(ka, bkey, delta.shape)
         out[bkey] = (w0.float() + delta).to(w0.dtype)
     return out
+
+
+def live_adapter_state(peft_model, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The LIVE adapter tensors of a PeftModel under the names PEFT saves them with (what soups write into).
+
+    PEFT keeps "...lora_A.default.weight" in the module but writes "...lora_A.weight" to adapter_model.safetensors;
+    `get_peft_model_state_dict` does that renaming and returns views of the parameters, so writing into them
+    updates the model. `save_embedding_layers=False`: a LoRA on lm_head must not drag the frozen base lm_head or
+    embedding matrices in (peft's "auto" saves them), where soups would average identical copies of base weights.
+
+    Raises:
+        SoupError: if PEFT returned copies (a soup written into them would never reach the model).
+    """
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    live = {t.data_ptr() for t in [*peft_model.parameters(), *peft_model.buffers()]}
+    copied = [k for k, v in state.items() if v.numel() and v.data_ptr() not in live]
+    if copied:
+        raise SoupError(
+            f"PEFT returned a copy of '{copied[0]}' (not the live parameter): this peft version cannot be "
+            "souped in place; write the task's soup_state_dict() from named_parameters() instead"
+        )
+    return state

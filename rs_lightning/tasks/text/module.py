@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric
 from rs_lightning import rl
 from rs_lightning.rewards.base import RewardMetric
 from rs_lightning.rewards.mixture import MixtureReward
+from rs_lightning.soup.lora import live_adapter_state
 from rs_lightning.tasks.text import policy as pol
 from rs_lightning.tasks.text.rollout import PhaseClock, Rollout, generate, response_forward, sample_lengths
 
@@ -162,7 +163,7 @@ class TextPPOModule(L.LightningModule):
 
     def soup_state_dict(self) -> dict[str, Tensor]:
         """Live adapter tensors under PEFT's saved names: `rs front` interpolates expert adapters into these."""
-        return pol.trainable_adapter_state(self.policy)
+        return live_adapter_state(self.policy)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -96,15 +96,6 @@ def reference_policy(model: nn.Module) -> Iterator[None]:
             yield
 
 
-def trainable_adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """The trainable adapter tensors under PEFT's saved key names (what `save_pretrained` writes)."""
-    from peft import get_peft_model_state_dict
-
-    # save_embedding_layers=False: a LoRA on lm_head must not drag the frozen base lm_head/embedding matrices into
-    # every expert (peft's "auto" saves them), where soups would average identical copies of base weights.
-    return get_peft_model_state_dict(model, adapter_name="default", save_embedding_layers=False)
-
-
 def _clean(name: str) -> str:
     # FSDP and activation checkpointing insert wrapper segments into parameter names.
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
