@@ -208,12 +208,15 @@ def weighted_sum_(outs: list[Tensor], sources: list[list[Tensor]], weights: list
         raise ValueError(f"block must be a power of 2, got {block}")
     groups: dict[tuple, tuple[list[Tensor], list[list[Tensor]]]] = {}
     copy_back: list[tuple[Tensor, Tensor]] = []
+    checked: set[torch.device] = set()  # host work per tensor is the cost of LoRA-sized merges: check once
     for j, out in enumerate(outs):
         if out.numel() == 0:
             continue
-        if not supports(out.device):
-            mode = "the interpreter (TRITON_INTERPRET=1)" if _INTERPRET else "compiled Triton"
-            raise NotImplementedError(f"{mode} cannot run weighted_sum_ on {out.device} tensors")
+        if out.device not in checked:
+            if not supports(out.device):
+                mode = "the interpreter (TRITON_INTERPRET=1)" if _INTERPRET else "compiled Triton"
+                raise NotImplementedError(f"{mode} cannot run weighted_sum_ on {out.device} tensors")
+            checked.add(out.device)
         xs = [src[j] for src in sources]
         layout = _dense_layout(out)
         if layout is None:
