@@ -153,7 +153,7 @@ def _probe(trainer):
     return next(c for c in trainer.callbacks if type(c).__name__ == "Probe")
 
 
-def test_text_ppo_iterations_on_gpu(tmp_path):
+def _text_ppo(tmp_path):
     import json
 
     import lightning as L
@@ -172,6 +172,11 @@ def test_text_ppo_iterations_on_gpu(tmp_path):
                            response_length=(8, 8), ppo_epochs=2, mini_batch_size=8, eval_max_new_tokens=8)
     data = PromptDataModule(source=str(tmp_path / "prompts.jsonl"), tokenizer=str(tmp_path / "model"), num_val=8,
                             num_test=8, batch_size=16, eval_batch_size=8, prefix_tokens=(0, 0), template="alpaca")
+    return module, data
+
+
+def test_text_ppo_iterations_on_gpu(tmp_path):
+    module, data = _text_ppo(tmp_path)
     before = {n: t.detach().clone() for n, t in module.soup_state_dict().items()}
     trainer = _trainer(tmp_path, 3)
     trainer.fit(module, data)
@@ -182,6 +187,42 @@ def test_text_ppo_iterations_on_gpu(tmp_path):
     assert any(not torch.equal(after[n].cpu(), before[n].cpu()) for n in before)
     result = trainer.test(module, data, verbose=False)[0]
     assert all(v == v for v in result.values()), result
+
+
+def test_text_ppo_under_fsdp_exports_the_full_adapter(tmp_path):
+    """configs/text/news_summary_fsdp.yaml's strategy on one GPU: wrapped decoder layers, use_orig_params, generation
+    through the wrapped policy, ExportExpert gathering full state dicts (one rank runs NO_SHARD: the gathers of a
+    real multi-GPU run are not exercised here)."""
+    if DEVICE != "cuda":
+        pytest.skip("FSDP runs on CUDA")
+    import lightning as L
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from rs_lightning.soup import load_adapter
+    from rs_lightning.tasks.text.export import ExportExpert
+
+    module, data = _text_ppo(tmp_path)
+    # TextPPOModule.configure_model wraps the policy (with this auto-wrap policy) and the value head as FSDP roots of
+    # their own: see rs_lightning/tasks/text/fsdp.py for why the whole LightningModule cannot be the root.
+    strategy = FSDPStrategy(sharding_strategy="FULL_SHARD", auto_wrap_policy={LlamaDecoderLayer},
+                            state_dict_type="full")
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_epochs=1,
+                        limit_train_batches=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path), callbacks=[ExportExpert(str(tmp_path / "expert"))])
+    trainer.fit(module, data)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    assert isinstance(module.policy, FSDP) and isinstance(module.value_head, FSDP)
+    wrapped = [m for m in module.policy.modules() if isinstance(m, FSDP)]
+    assert len(wrapped) == 1 + 2  # the root and the two decoder layers of the tiny model
+    adapter = load_adapter(tmp_path / "expert")
+    assert not any("_fsdp" in k for k in adapter.state_dict), list(adapter.state_dict)[:3]  # PEFT's own names
+    lora_b = [v for k, v in adapter.state_dict.items() if "lora_B" in k]
+    assert lora_b, list(adapter.state_dict)[:5]
+    assert all(bool(torch.isfinite(v).all()) for v in adapter.state_dict.values())
+    assert any(bool(v.abs().sum() > 0) for v in lora_b)  # B starts at zero: PPO moved it
 
 
 def test_captioning_scst_steps_on_gpu(tmp_path):

@@ -412,3 +412,30 @@ def test_config_parse_catches_a_wrong_reward_argument(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse_only(bad)
     assert "targett" in capsys.readouterr().err
+
+
+def test_export_from_gathered_state_equals_the_live_export(tiny, tmp_path):
+    """The FSDP export path (full state dicts gathered from the units, adapter picked by name) writes the same
+    adapter, config and value head as PEFT's save_pretrained on the live module."""
+    from rs_lightning.soup import load_adapter
+    from rs_lightning.tasks.text.export import export_expert
+
+    module = make_module(tiny)
+    with torch.no_grad():  # a trained-looking adapter: B != 0
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    export_expert(module, tmp_path / "live")
+    gathered = ({k: v.clone() for k, v in module.policy.state_dict().items()}, module.value_head.state_dict())
+    export_expert(module, tmp_path / "gathered", states=gathered)
+    live, got = load_adapter(tmp_path / "live"), load_adapter(tmp_path / "gathered")
+    assert live.state_dict.keys() == got.state_dict.keys() and len(live.state_dict) > 0
+    assert all(torch.equal(live.state_dict[k], got.state_dict[k]) for k in live.state_dict)
+    assert json.loads((tmp_path / "live" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "gathered" / "adapter_config.json").read_text())
+    live_head = load_file(str(tmp_path / "live" / "value_head.safetensors"))
+    got_head = load_file(str(tmp_path / "gathered" / "value_head.safetensors"))
+    assert all(torch.equal(live_head[k], got_head[k]) for k in live_head)
+    with pytest.raises(RuntimeError, match="holds no tensor of the 'default' LoRA adapter"):
+        export_expert(module, tmp_path / "empty", states=({"w": torch.zeros(1)}, gathered[1]))
+    assert not (tmp_path / "empty").exists()  # atomic: nothing half-written

@@ -10,7 +10,7 @@ Written atomically (temp folder, then rename), so a crash never leaves a half-wr
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
 import os
 from pathlib import Path
@@ -20,14 +20,22 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import save_file
 
 from rs_lightning.soup.atomic import atomic_dir
+from rs_lightning.tasks.text import fsdp
 
 
-def export_expert(module, dirpath: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Write `module`'s trainable adapter and value head to `dirpath` (a TextPPOModule)."""
+def export_expert(module, dirpath: str | os.PathLike, *, overwrite: bool = True, states=None) -> Path:
+    """Write `module`'s trainable adapter and value head to `dirpath` (a TextPPOModule).
+
+    `states`: (policy, value head) full state dicts gathered from FSDP units (`fsdp.full_state_dicts`); None
+    reads the live module."""
     dirpath = Path(dirpath)
+    policy_state, head_state = states if states is not None else (None, module.value_head.state_dict())
     with atomic_dir(dirpath, overwrite=overwrite) as tmp:
-        module.policy.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
-        head = {k: v.detach().cpu().contiguous() for k, v in module.value_head.state_dict().items()}
+        if policy_state is None:
+            module.policy.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
+        else:
+            _save_gathered_adapter(fsdp.unwrap(module.policy), policy_state, tmp, dirpath)
+        head = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
         save_file(head, str(tmp / "value_head.safetensors"))
         hp = module.hparams
         info = {
@@ -41,6 +49,28 @@ def export_expert(module, dirpath: str | os.PathLike, *, overwrite: bool = True)
         }
         (tmp / "expert.json").write_text(json.dumps(info, indent=2) + "\n")
     return dirpath
+
+
+def adapter_tensors(state: dict, adapter: str = "default") -> dict:
+    """One LoRA adapter in PEFT's saved form, out of a full model state dict: its `lora_` tensors with the adapter
+    name dropped ("...q_proj.lora_A.default.weight" -> "...q_proj.lora_A.weight")."""
+    tag = f".{adapter}."
+    return {k.replace(tag, "."): v for k, v in state.items() if "lora_" in k and tag in k}
+
+
+def _save_gathered_adapter(peft_model, state: dict, tmp: Path, dirpath: Path) -> None:
+    """adapter_model.safetensors + adapter_config.json from a gathered (FSDP) state dict. Not through PEFT's
+    save_pretrained: some PEFT versions select the adapter by the live module names, which carry FSDP's wrapper
+    segments, and saved nothing (seen on an H100)."""
+    tensors = adapter_tensors(state)
+    if not tensors:
+        names = [k for k in state if "lora_" in k][:3] or list(state)[:3]
+        raise RuntimeError(f"the gathered policy state ({len(state)} tensors, e.g. {names}) holds no tensor of "
+                           f"the 'default' LoRA adapter: nothing to export to {dirpath}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"))
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.inference_mode = True  # as PEFT's save_pretrained writes it
+    config.save_pretrained(str(tmp))
 
 
 class ExportExpert(Callback):
@@ -64,25 +94,13 @@ class ExportExpert(Callback):
         if n and pl_module.ppo_iteration % n == 0:
             target = self._target(trainer)
             step = f"iteration_{pl_module.ppo_iteration}"
-            with full_parameters(trainer):  # every rank enters (a collective under FSDP); rank 0 writes
-                if trainer.is_global_zero:
-                    export_expert(pl_module, target.parent / f"{target.name}_trajectory" / step)
+            states = fsdp.full_state_dicts(pl_module, trainer.world_size)  # a collective under FSDP
+            if trainer.is_global_zero:
+                export_expert(pl_module, target.parent / f"{target.name}_trajectory" / step, states=states)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        with full_parameters(trainer):
-            if trainer.is_global_zero:
-                path = export_expert(pl_module, self._target(trainer))
-                print(f"exported expert adapter to {path}")
+        states = fsdp.full_state_dicts(pl_module, trainer.world_size)
+        if trainer.is_global_zero:
+            path = export_expert(pl_module, self._target(trainer), states=states)
+            print(f"exported expert adapter to {path}")
 
-
-def full_parameters(trainer: L.Trainer):
-    """Under FSDP, gather the full (unsharded) parameters on rank 0 for the duration; otherwise do nothing.
-    Must be entered on every rank. Untested without GPUs."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        return contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True,
-                                                       offload_to_cpu=True)

@@ -30,6 +30,7 @@ from rs_lightning import rl
 from rs_lightning.rewards.base import RewardMetric
 from rs_lightning.rewards.mixture import MixtureReward
 from rs_lightning.soup.lora import live_adapter_state
+from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
 from rs_lightning.tasks.text.rollout import PhaseClock, Rollout, generate, response_forward, sample_lengths
 
@@ -161,6 +162,10 @@ class TextPPOModule(L.LightningModule):
         self.value_head = pol.make_value_head(base.config.hidden_size, hp.lora_init_seed)
         self.policy.train()  # from_pretrained returns eval mode; rollouts switch to eval explicitly
 
+    def configure_model(self) -> None:
+        # Under FSDP the policy and value head are wrapped here, not the whole module: see tasks/text/fsdp.py.
+        fsdp.shard_policy(self)
+
     def soup_state_dict(self) -> dict[str, Tensor]:
         """Live adapter tensors under PEFT's saved names: `rs front` interpolates expert adapters into these."""
         return live_adapter_state(self.policy)
@@ -198,10 +203,11 @@ class TextPPOModule(L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()  # no dropout while sampling and scoring the behaviour policy
         try:
-            return generate(
-                self.policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], lengths, greedy=greedy,
-                top_k=hp.top_k, top_p=hp.top_p, temperature=hp.temperature, ignore_eos=ignore_eos,
-            )
+            with fsdp.generation_context(self.policy):
+                return generate(
+                    self.policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], lengths, greedy=greedy,
+                    top_k=hp.top_k, top_p=hp.top_p, temperature=hp.temperature, ignore_eos=ignore_eos,
+                )
         finally:
             self.policy.train(was_training)
 
