@@ -70,16 +70,14 @@ def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, mo
             "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
 
 
-def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: int | None = None,
-         points: int = 11) -> list[Stage]:
-    """The ordered stages of the captioning demo under `out` (`iterations` = SCST epochs here)."""
+def _builders(out: Path, seed: int, profile: str, iterations: int | None):
+    """(init stage, train, front) for `out`: train(run dir, seed, mu) -> (config, output); front(...) -> config."""
     settings = PROFILES[profile]
     xe = _apply(_load("xe_init.yaml"), settings)
     scst = _apply(_load("scst_morl_bleu1_rouge_l.yaml"), settings)
     scst_epochs = iterations or settings.get("scst_epochs")
     init_path = out / "init" / "model.safetensors"
-    init = Stage("init-xe", "init", init_path, _run(xe, out / "init", init_path, seeds[0], settings.get("xe_epochs")),
-                 fit)
+    init = Stage("init-xe", "init", init_path, _run(xe, out / "init", init_path, seed, settings.get("xe_epochs")), fit)
     scst["model"]["init_args"]["init_checkpoint"] = str(init_path)
 
     def train(run_dir: Path, seed: int, mu: list[float]) -> tuple[dict, Path]:
@@ -91,4 +89,31 @@ def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: i
     def front(out_dir, experts, init_path, morl, n):
         return _front(scst, out_dir, experts, init_path, morl, n)
 
+    return init, train, front
+
+
+def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: int | None = None,
+         points: int = 11) -> list[Stage]:
+    """The ordered stages of the captioning demo under `out` (`iterations` = SCST epochs here)."""
+    init, train, front = _builders(out, seeds[0], profile, iterations)
     return method_stages(out, seeds, REWARDS, init, train, front, points)
+
+
+def morl_stage(out: Path, mu: list[float], *, seed: int = 0, profile: str = "default",
+               iterations: int | None = None) -> Stage:
+    """One MORL training on mu[0] BLEU-1 + mu[1] ROUGE-L from the demo's init (mu = [0.5, 0.5] IS the demo's
+    MORL stage, same name and output, so either run reuses the other's)."""
+    _, train, _ = _builders(out, seed, profile, iterations)
+    run_dir = out / f"seed{seed}" / ("morl" if mu == [0.5, 0.5] else f"morl_mu{mu[1]:g}")
+    config, output = train(run_dir, seed, mu)
+    name = f"seed{seed}-" + ("morl" if mu == [0.5, 0.5] else f"morl-mu{mu[1]:g}")
+    return Stage(name, "morl", output, config, fit, seed=seed, mu=mu)
+
+
+def front_config(out: Path, out_dir: Path, experts: list[Path], init: Path, morl: list[tuple[list[float], Path]],
+                 points: int = 11, profile: str = "default") -> dict:
+    """An `rs front` config over the seed-0 experts, the init and several MORL models (mu, path)."""
+    _, _, front = _builders(out, 0, profile, None)
+    config = front(out_dir, experts, init, None, points)
+    config["front"]["morl"] = [{"path": str(p), "mu": mu, "name": f"morl mu={mu[1]:g}"} for mu, p in morl]
+    return config
