@@ -206,3 +206,22 @@ def test_every_config_matches_the_module_signature():
         args = cfg["model"]["init_args"]
         if args.get("stage") == "scst" and len(args.get("rewards", [])) > 1:
             assert len(args["reward_weights"]) == len(args["rewards"]), path.name
+
+
+def test_a_random_coca_never_reads_uninitialised_memory(monkeypatch):
+    """open_clip leaves the CoCa decoder's text_projection as torch.empty: with recycled memory full of NaN it
+    was NaN (a SmolLM2 run before it in one process was enough). Every floating torch.empty is NaN here."""
+    from rs_lightning.tasks.captioning.model import load_coca
+
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    coca = load_coca("coca-tiny")
+    monkeypatch.undo()
+    bad = [n for n, p in coca.named_parameters() if not bool(torch.isfinite(p).all())]
+    assert not bad, bad
+    assert bool((coca.text_decoder.text_projection == 0).all())
