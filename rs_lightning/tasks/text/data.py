@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from rs_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader, resume_point
 from rs_lightning.tasks.text.datasets import SOURCES, load_examples
 from rs_lightning.tasks.text.model_loading import OFFLINE_DEFAULT_MODEL, load_tokenizer, resolve_model_path
 from rs_lightning.tasks.text.prompts import TEMPLATES, build_query, check_prefix_range
@@ -52,23 +53,6 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A fresh random permutation each epoch, seeded by `seed + epoch` (set by Lightning through `set_epoch`)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 @dataclass
@@ -243,9 +227,11 @@ class PromptDataModule(LightningDataModule):
         # prompts in the same order as an uninterrupted one (a seeded DataLoader generator would restart from
         # its seed after a resume). Lightning calls set_epoch; under DDP it wraps this sampler per rank.
         sampler = EpochShuffleSampler(len(self.train_set), self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
-                          generator=torch.Generator().manual_seed(self.seed),  # workers' seeds; global RNG untouched
-                          collate_fn=LeftPadCollator(self.tokenizer.pad_token_id), num_workers=self.num_workers)
+        epoch, done = resume_point(self)  # a mid-epoch restart drops the batches trained on before it
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                                   generator=torch.Generator().manual_seed(self.seed),  # workers' seeds only
+                                   collate_fn=LeftPadCollator(self.tokenizer.pad_token_id),
+                                   num_workers=self.num_workers, resume_epoch=epoch, resume_batches=done)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
