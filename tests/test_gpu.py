@@ -153,7 +153,7 @@ def _probe(trainer):
     return next(c for c in trainer.callbacks if type(c).__name__ == "Probe")
 
 
-def _text_ppo(tmp_path):
+def _text_ppo(tmp_path, **kwargs):
     import json
 
     import lightning as L
@@ -169,7 +169,8 @@ def _text_ppo(tmp_path):
     L.seed_everything(0)
     module = TextPPOModule(model=str(tmp_path / "model"), rewards=[KeywordReward(["e"], mode="count",
                            whole_word=False, name="e")], lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2,
-                           response_length=(8, 8), ppo_epochs=2, mini_batch_size=8, eval_max_new_tokens=8)
+                           response_length=(8, 8), ppo_epochs=2, mini_batch_size=8, eval_max_new_tokens=8,
+                           **kwargs)
     data = PromptDataModule(source=str(tmp_path / "prompts.jsonl"), tokenizer=str(tmp_path / "model"), num_val=8,
                             num_test=8, batch_size=16, eval_batch_size=8, prefix_tokens=(0, 0), template="alpaca")
     return module, data
@@ -202,7 +203,7 @@ def test_text_ppo_under_fsdp_exports_the_full_adapter(tmp_path):
     from rs_lightning.soup import load_adapter
     from rs_lightning.tasks.text.export import ExportExpert
 
-    module, data = _text_ppo(tmp_path)
+    module, data = _text_ppo(tmp_path, dtype="bfloat16")  # as the config: bf16 base, float32 LoRA factors
     # TextPPOModule.configure_model wraps the policy (with this auto-wrap policy) and the value head as FSDP roots of
     # their own: see rs_lightning/tasks/text/fsdp.py for why the whole LightningModule cannot be the root.
     strategy = FSDPStrategy(sharding_strategy="FULL_SHARD", auto_wrap_policy={LlamaDecoderLayer},
@@ -216,7 +217,7 @@ def test_text_ppo_under_fsdp_exports_the_full_adapter(tmp_path):
 
     assert isinstance(module.policy, FSDP) and isinstance(module.value_head, FSDP)
     wrapped = [m for m in module.policy.modules() if isinstance(m, FSDP)]
-    assert len(wrapped) == 1 + 2  # the root and the two decoder layers of the tiny model
+    assert len(wrapped) == 1 + 2 + 2 * 4 * 2  # root, 2 decoder layers, lora_A/B of q/k/v/o_proj in each layer
     adapter = load_adapter(tmp_path / "expert")
     assert not any("_fsdp" in k for k in adapter.state_dict), list(adapter.state_dict)[:3]  # PEFT's own names
     lora_b = [v for k, v in adapter.state_dict.items() if "lora_B" in k]

@@ -7,7 +7,7 @@ trains the missing MORL runs (mu = weight of ROUGE-L in 0.1, 0.2, 0.3, 0.7, 0.8,
 on 2 cores), evaluates every model in one `rs front` sweep (`<out>/captioning/front_quality/`), and scores
 each method's set of points with the same fixed normalisation (both metrics in [0, 1]) and reference point:
 
-- hypervolume (reference: normalised nadir - 0.1, as in `rs front`'s summary),
+- hypervolume (reference point (-0.1, -0.1): the nadir 0 minus 0.1, as `rs front`'s summary takes it),
 - IGD+ against the non-dominated set of ALL evaluated points (lower is better),
 - expected utility: mean over 11 preferences w of max over the method's points of <w, R>.
 
@@ -97,7 +97,7 @@ def _stage_name(m: float) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| method | trainings | points | hypervolume | IGD+ | expected utility | training minutes |",
+    lines = ["| method | trainings | valid points | hypervolume | IGD+ | expected utility | training minutes |",
              "|---|---|---|---|---|---|---|"]
     for row in result["methods"]:
         minutes = "-" if row["training_minutes"] is None else f"{row['training_minutes']:.1f}"

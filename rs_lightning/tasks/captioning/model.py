@@ -85,7 +85,7 @@ def load_coca(model: str = TINY_COCA, pretrained: str | None = None) -> nn.Modul
     coca = open_clip.create_model(model, pretrained=pretrained)
     if not hasattr(coca, "text_decoder"):
         raise ValueError(f"open_clip model {model!r} is not a CoCa (no text decoder): captioning needs one")
-    if pretrained is None:
+    if not pretrained:
         # open_clip's MultimodalTransformer creates text_projection with torch.empty and never initialises it
         # (its init_parameters is not called): zeros in a fresh process, whatever the allocator recycles after
         # other work (NaN seen after a SmolLM2 PPO run in the same process). Zero it: uniform predictions at the

@@ -53,21 +53,48 @@ def shard_policy(module) -> bool:
         return True
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    if module.hparams.max_grad_norm is not None:
+        raise ValueError("model.max_grad_norm is not supported under FSDP yet: clipping needs one norm over the "
+                         "policy and value-head roots (Lightning's clip_gradients refuses FSDP); set it to null")
     common = dict(cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
                   sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device.index)
     kwargs = {**strategy.kwargs, "use_orig_params": True}  # frozen base + trainable LoRA share units
+    kwargs["auto_wrap_policy"] = lora_aware_policy(module.policy, kwargs.get("auto_wrap_policy"))
     module.policy = FullyShardedDataParallel(module.policy, **common, **kwargs)
     kwargs.pop("auto_wrap_policy", None)
     module.value_head = FullyShardedDataParallel(module.value_head, **common, **kwargs)
     return True
 
 
+def lora_aware_policy(policy: nn.Module, base_policy):
+    """The strategy's auto-wrap policy (a set of layer classes, as Lightning's ModuleWrapPolicy holds) plus every
+    LoRA leaf (lora_A / lora_B / lora_embedding_* Linears) as a unit of its own.
+
+    Why: FSDP flattens a unit's parameters into one tensor of one dtype, and PEFT keeps LoRA weights in float32
+    next to a bfloat16 base (`model.dtype: bfloat16`): a decoder layer holding both is refused ("Must flatten
+    tensors with uniform dtype"). PEFT's own FSDP recipe wraps the adapter leaves apart in the same way. Another
+    kind of policy (a callable) is used as given."""
+    from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
+
+    if base_policy is not None and not isinstance(base_policy, ModuleWrapPolicy):
+        return base_policy
+    classes = tuple(base_policy._module_classes) if base_policy is not None else ()
+    lora_leaves = {id(m) for name, m in policy.named_modules()
+                   if ".lora_" in f".{name}" and not list(m.children()) and list(m.parameters(recurse=False))}
+    return CustomPolicy(lambda m: isinstance(m, classes) or id(m) in lora_leaves)
+
+
 def generation_context(policy: nn.Module):
     """Around `policy.generate`: gather the root unit's parameters (a no-op without FSDP)."""
     if not is_sharded(policy):
         return contextlib.nullcontext()
+    import torch
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    # generate bypasses the root's forward, which would make FSDP's unshard stream wait for the last optimizer
+    # step on the compute stream: wait here instead.
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
     return FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False)
 
 
