@@ -225,3 +225,48 @@ def test_a_random_coca_never_reads_uninitialised_memory(monkeypatch):
     bad = [n for n, p in coca.named_parameters() if not bool(torch.isfinite(p).all())]
     assert not bad, bad
     assert bool((coca.text_decoder.text_projection == 0).all())
+
+
+class _Ids(L.Callback):
+    def __init__(self):
+        self.ids: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids.append(list(batch["ids"]))
+
+
+class _KillAfter(L.Callback):
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == self.n:
+            raise RuntimeError("killed")
+
+
+def test_mid_epoch_resume_sees_the_images_of_an_uninterrupted_run(tmp_path):
+    """XE, 2 epochs of 4 batches, killed after batch 6 and resumed from the checkpoint after batch 5 (epoch 1,
+    batch 1): the resumed run trains on batches 5..7 of the uninterrupted run and ends with its weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, callbacks=(), ckpt_path=None):
+        module = CaptioningModule(stage="xe", lr=2e-3, warmup_steps=2, anneal=1.0, eval_decoding="greedy", **FAST)
+        seen = _Ids()
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=bool(callbacks),
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, max_epochs=2, callbacks=[seen, *callbacks], default_root_dir=str(root))
+        trainer.fit(module, _data(num_train=64), ckpt_path=ckpt_path)
+        return module, seen.ids
+
+    L.seed_everything(0)
+    straight, ids = run(tmp_path / "straight")
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "first", [ckpt, _KillAfter(6)])
+    L.seed_everything(3)
+    resumed, resumed_ids = run(tmp_path / "resumed", ckpt_path=str(next((tmp_path / "ckpt").glob("*step=5.ckpt"))))
+    assert len(ids) == 8 and resumed_ids == ids[5:]
+    assert ids[0] != ids[4]  # a new order each epoch
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -12,8 +12,8 @@ resumed run saw the epoch's first prompts where the uninterrupted run saw its th
   batches; skipping inside the sampler cannot (Lightning's DistributedSamplerWrapper sizes itself from the
   sampler's length once, and indexes past a shortened order). Dropped batches are loaded and collated: cheap
   for prompts.
-- `resume_point(datamodule)`: (epoch, batches done) when Lightning restarts mid-epoch, from the loop counters it
-  restored before it asks for the train dataloader.
+- `ResumableTrainOrder`: a datamodule mixin that writes (epoch, batches done) into every checkpoint and hands
+  it to its train loader on resume.
 """
 
 from __future__ import annotations
@@ -47,23 +47,35 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that drops the first `resume_batches` batches of epoch `resume_epoch` (a run restarted in the
-    middle of that epoch) and is a plain DataLoader otherwise. The epoch is read from the sampler's `epoch`
-    (set by Lightning through `set_epoch`, also on its DDP wrapper). The two arguments are constructor
-    arguments so that Lightning's re-instantiation under DDP (with a distributed sampler) keeps them."""
+    """A DataLoader that, in the epoch a run restarted in, drops the batches of that epoch this rank had finished
+    (`resume_source.resume_pending`, set from the checkpoint by `ResumableTrainOrder`); a plain DataLoader
+    otherwise.
 
-    def __init__(self, *args, resume_epoch: int | None = None, resume_batches: int = 0, **kwargs):
+    The skip waits for the first batch: Lightning may make the resumed epoch's iterator before it calls
+    `set_epoch`, and the sampler draws its order at the first batch; it applies only if the sampler's epoch is the
+    checkpoint's. `resume_source` is a constructor argument so that Lightning's re-instantiation under DDP (with a
+    distributed sampler) keeps it.
+
+    Args:
+        resume_source: the datamodule (a `ResumableTrainOrder`); None: never skip.
+    """
+
+    def __init__(self, *args, resume_source=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if resume_batches < 0:
-            raise ValueError(f"resume_batches must be >= 0, got {resume_batches}")
-        self.resume_epoch, self.resume_batches = resume_epoch, resume_batches
+        self.resume_source = resume_source
 
     def __iter__(self):
         iterator = super().__iter__()
-        if not self.resume_batches:
+        if getattr(self.resume_source, "resume_pending", None) is None:
             return iterator
-        return _SkipOnFirstNext(iterator, lambda: self.resume_batches
-                                if getattr(self.sampler, "epoch", None) == self.resume_epoch else 0)
+        return _SkipOnFirstNext(iterator, self._batches_to_skip)
+
+    def _batches_to_skip(self) -> int:
+        epoch, done = self.resume_source.resume_pending
+        if getattr(self.sampler, "epoch", None) != epoch:
+            return 0
+        self.resume_source.resume_pending = None  # once: later epochs run whole
+        return done
 
 
 class _SkipOnFirstNext:
@@ -90,17 +102,26 @@ class _SkipOnFirstNext:
         return getattr(self._iterator, name)
 
 
-def resume_point(datamodule) -> tuple[int | None, int]:
-    """(epoch, batches this rank finished in it) if the datamodule's trainer restarts in the middle of an epoch,
-    else (None, 0). Call from `train_dataloader`: Lightning has restored its loops from the checkpoint by then."""
-    trainer = getattr(datamodule, "trainer", None)
-    if trainer is None:
-        return None, 0
-    fit_loop = trainer.fit_loop
-    # Lightning's own test for a mid-epoch restart (FitLoop.update_restart_stage, which runs only after the
-    # dataloader is built): the epoch was started but not processed; its index is the number processed.
-    epochs = fit_loop.epoch_progress.total
-    if not (fit_loop.restarting and epochs.started == epochs.ready and epochs.processed == epochs.started - 1
-            and epochs.completed == epochs.processed):
-        return None, 0
-    return epochs.processed, fit_loop.epoch_loop.batch_progress.current.processed
+class ResumableTrainOrder:
+    """Datamodule mixin: the checkpoint records how far into its epoch the run was (Lightning saves a datamodule's
+    `state_dict` in every checkpoint and gives it back to `load_state_dict` on resume); the train loader
+    (`ResumableDataLoader(resume_source=self)`) then drops the finished batches of that epoch.
+
+    Read from Lightning's loop counters when the checkpoint is written, so it does not depend on when Lightning
+    builds or iterates the loader on resume. A checkpoint written between epochs records nothing."""
+
+    resume_pending: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        fit_loop = trainer.fit_loop
+        done = fit_loop.epoch_loop.batch_progress.current.processed
+        if not 0 < done < trainer.num_training_batches:
+            return {}  # between epochs (or at an epoch's last batch): Lightning resumes at an epoch's start
+        return {"train_epoch": fit_loop.epoch_progress.current.processed, "train_batches_done": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.resume_pending = (int(state["train_epoch"]), int(state["train_batches_done"]))

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from rs_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader, ResumableTrainOrder
 from rs_lightning.tasks.captioning.model import TINY_COCA, image_transforms
 
 SOURCES = ("synthetic", "coco")
@@ -35,7 +36,7 @@ def collate(items: list[dict]) -> dict[str, Any]:
     }
 
 
-class CaptionDataModule(LightningDataModule):
+class CaptionDataModule(ResumableTrainOrder, LightningDataModule):
     """Caption data for a CoCa captioner. Every argument is a config key (LightningCLI `data.init_args`).
 
     Args:
@@ -115,21 +116,29 @@ class CaptionDataModule(LightningDataModule):
         """The reference lists of the training images, each image once (CIDEr-D df, output vocabulary)."""
         return [list(refs) for refs in self.dataset("train").references]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
+        """An evaluation loader: fixed order, `eval_batch_size`."""
         hp = self.hparams
-        generator = torch.Generator().manual_seed(hp.seed) if shuffle else None
-        return DataLoader(self.dataset(split), batch_size=hp.batch_size if split == "train" else hp.eval_batch_size,
-                          shuffle=shuffle, generator=generator, collate_fn=collate, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0)
+        return DataLoader(self.dataset(split), batch_size=hp.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        hp = self.hparams
+        dataset = self.dataset("train")
+        # The order of epoch e is a function of (seed, e) alone, and a restart in the middle of an epoch drops the
+        # batches trained on before it: a resumed run sees the images of an uninterrupted one (a seeded
+        # shuffle=True loader restarts its permutation from the seed, and every restart from batch 0).
+        sampler = EpochShuffleSampler(len(dataset), hp.seed)
+        return ResumableDataLoader(dataset, batch_size=hp.batch_size, sampler=sampler,
+                                   generator=torch.Generator().manual_seed(hp.seed), collate_fn=collate,
+                                   num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                                   resume_source=self)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

@@ -33,7 +33,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from rs_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader, resume_point
+from rs_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader, ResumableTrainOrder
 from rs_lightning.tasks.text.datasets import SOURCES, load_examples
 from rs_lightning.tasks.text.model_loading import OFFLINE_DEFAULT_MODEL, load_tokenizer, resolve_model_path
 from rs_lightning.tasks.text.prompts import TEMPLATES, build_query, check_prefix_range
@@ -81,7 +81,7 @@ class LeftPadCollator:
         return batch
 
 
-class PromptDataModule(LightningDataModule):
+class PromptDataModule(ResumableTrainOrder, LightningDataModule):
     """Prompts of one text source, templated, prefixed with the human reference start, tokenized, left padded.
 
     Args:
@@ -227,11 +227,11 @@ class PromptDataModule(LightningDataModule):
         # prompts in the same order as an uninterrupted one (a seeded DataLoader generator would restart from
         # its seed after a resume). Lightning calls set_epoch; under DDP it wraps this sampler per rank.
         sampler = EpochShuffleSampler(len(self.train_set), self.seed)
-        epoch, done = resume_point(self)  # a mid-epoch restart drops the batches trained on before it
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                    generator=torch.Generator().manual_seed(self.seed),  # workers' seeds only
                                    collate_fn=LeftPadCollator(self.tokenizer.pad_token_id),
-                                   num_workers=self.num_workers, resume_epoch=epoch, resume_batches=done)
+                                   num_workers=self.num_workers,
+                                   resume_source=self)  # a mid-epoch restart drops the batches trained on
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
