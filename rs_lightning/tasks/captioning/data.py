@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from rs_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader, ResumableTrainOrder
+from rs_lightning.data.resumable import DataLoaderShuffleReplay, ResumableDataLoader, ResumableTrainOrder
 from rs_lightning.tasks.captioning.model import TINY_COCA, image_transforms
 
 SOURCES = ("synthetic", "coco")
@@ -125,10 +125,10 @@ class CaptionDataModule(ResumableTrainOrder, LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = self.dataset("train")
-        # The order of epoch e is a function of (seed, e) alone, and a restart in the middle of an epoch drops the
-        # batches trained on before it: a resumed run sees the images of an uninterrupted one (a seeded
-        # shuffle=True loader restarts its permutation from the seed, and every restart from batch 0).
-        sampler = EpochShuffleSampler(len(dataset), hp.seed)
+        # The order of epoch e is a function of (seed, e) alone (the seeded shuffle this family always used, replayed
+        # per epoch), and a restart in the middle of an epoch drops the batches trained on before it: a resumed run
+        # sees the images of an uninterrupted one (a seeded shuffle=True loader restarts from the seed, at batch 0).
+        sampler = DataLoaderShuffleReplay(len(dataset), hp.seed)
         return ResumableDataLoader(dataset, batch_size=hp.batch_size, sampler=sampler,
                                    generator=torch.Generator().manual_seed(hp.seed), collate_fn=collate,
                                    num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
