@@ -78,14 +78,3 @@ def test_checkpoint_state_round_trip():
     saved.trainer.num_training_batches = 3  # written after the epoch's last batch: nothing to skip on resume
     assert saved.state_dict() == {}
 
-
-def test_replay_matches_a_seeded_shuffling_dataloader_epoch_by_epoch():
-    from rs_lightning.data.resumable import DataLoaderShuffleReplay
-
-    n, seed = 37, 5
-    loader = DataLoader(list(range(n)), batch_size=n, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    real = [next(iter(loader)).tolist() for _ in range(3)]  # one iterator per epoch, as a trainer makes
-    replay = DataLoaderShuffleReplay(n, seed)
-    for epoch in (2, 0, 1):  # any epoch, in any order: no hidden state
-        replay.set_epoch(epoch)
-        assert list(replay) == real[epoch]

@@ -6,8 +6,8 @@ taken there trained on batches 0, 1, ... again as if they were k, k + 1, ... (me
 resumed run saw the epoch's first prompts where the uninterrupted run saw its third batch), and a seeded
 `shuffle=True` loader restarts its permutation from the seed, so a resumed epoch e repeats epoch 0's order.
 
-- `EpochShuffleSampler`: the order of epoch e is a permutation seeded by (seed, e) alone (text family);
-  `DataLoaderShuffleReplay`: the orders of a seeded shuffling DataLoader, replayed per epoch (captioning family).
+- `EpochShuffleSampler`: the order of epoch e is a permutation seeded by (seed, e) alone (the text family; the
+  captioning family keeps its seeded shuffling loader, see its datamodule).
 - `ResumableDataLoader`: a DataLoader that, in the epoch a run restarted in, first draws (and drops) the
   batches this rank had already trained on. Skipping per rank, after the DDP split, keeps every rank on its own
   batches; skipping inside the sampler cannot (Lightning's DistributedSamplerWrapper sizes itself from the
@@ -45,33 +45,6 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
-class DataLoaderShuffleReplay(Sampler[int]):
-    """The orders a `DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))` draws, epoch by epoch,
-    replayed from the seed so that epoch e's order is a function of (seed, e).
-
-    Such a loader draws, per epoch, one int64 (its workers' base seed) and then one `randperm` from its generator;
-    after a resume it would restart from the seed. The captioning family trained with such a loader before exact
-    resume existed: replaying its stream keeps every result measured then (checked against a real DataLoader in
-    tests/test_resumable_sampler.py) and makes resume exact. O(epoch x size) work per epoch: fine for the sizes here.
-    """
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.epoch + 1):
-            torch.empty((), dtype=torch.int64).random_(generator=generator)
-            order = torch.randperm(self.size, generator=generator)
-        return iter(order.tolist())
 
 
 class ResumableDataLoader(DataLoader):

@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from rs_lightning.data.resumable import DataLoaderShuffleReplay, ResumableDataLoader, ResumableTrainOrder
 from rs_lightning.tasks.captioning.model import TINY_COCA, image_transforms
 
 SOURCES = ("synthetic", "coco")
@@ -36,7 +35,7 @@ def collate(items: list[dict]) -> dict[str, Any]:
     }
 
 
-class CaptionDataModule(ResumableTrainOrder, LightningDataModule):
+class CaptionDataModule(LightningDataModule):
     """Caption data for a CoCa captioner. Every argument is a config key (LightningCLI `data.init_args`).
 
     Args:
@@ -116,29 +115,25 @@ class CaptionDataModule(ResumableTrainOrder, LightningDataModule):
         """The reference lists of the training images, each image once (CIDEr-D df, output vocabulary)."""
         return [list(refs) for refs in self.dataset("train").references]
 
-    def _loader(self, split: str) -> DataLoader:
-        """An evaluation loader: fixed order, `eval_batch_size`."""
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(self.dataset(split), batch_size=hp.eval_batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        generator = torch.Generator().manual_seed(hp.seed) if shuffle else None
+        return DataLoader(self.dataset(split), batch_size=hp.batch_size if split == "train" else hp.eval_batch_size,
+                          shuffle=shuffle, generator=generator, collate_fn=collate, num_workers=hp.num_workers,
+                          persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        dataset = self.dataset("train")
-        # The order of epoch e is a function of (seed, e) alone (the seeded shuffle this family always used, replayed
-        # per epoch), and a restart in the middle of an epoch drops the batches trained on before it: a resumed run
-        # sees the images of an uninterrupted one (a seeded shuffle=True loader restarts from the seed, at batch 0).
-        sampler = DataLoaderShuffleReplay(len(dataset), hp.seed)
-        return ResumableDataLoader(dataset, batch_size=hp.batch_size, sampler=sampler,
-                                   generator=torch.Generator().manual_seed(hp.seed), collate_fn=collate,
-                                   num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-                                   resume_source=self)
+        # Not yet the exactly resumable order of the text family (rs_lightning/data/resumable.py): a resumed run
+        # restarts this seeded shuffle from its seed. Two attempts to switch changed the demo's measured runs
+        # (the XE init is sensitive to its data order beyond the expert seed spread), so this waits for a
+        # re-measurement of the demo and of the front-quality benchmark.
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", shuffle=False)
