@@ -29,3 +29,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "java" in item.keywords and not has_java:
             item.add_marker(skip_java)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny models: their ops take microseconds, and on a shared 2-core
+    machine a second OpenMP thread that loses its core turns each op into a scheduler wait (measured: a tiny PPO
+    iteration 0.25 s with 1 thread, 16 s with 2 while other processes ran). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

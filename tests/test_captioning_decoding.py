@@ -16,14 +16,7 @@ from rs_lightning.tasks.captioning.model import (
     vocab_from_references,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops: one thread avoids OpenMP oversubscription on a shared CPU (it is 5x faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ FAST = dict(eval_metrics=["bleu1", "bleu4", "rouge_l", "cider_d"], corpus_metric
             max_length=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops: one thread avoids OpenMP oversubscription on a shared CPU (several times faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def _trainer(**kwargs) -> L.Trainer:

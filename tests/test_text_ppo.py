@@ -29,15 +29,7 @@ FAST = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR,
             ppo_epochs=2, mini_batch_size=8, init_kl_coef=0.05, eval_max_new_tokens=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: a tiny model's ops take microseconds, and on a shared 2-core machine a second OpenMP
-    thread that loses its core turns each op into a scheduler wait (measured: a tiny PPO iteration 0.25 s with 1
-    thread, 16 s with 2 while other processes ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -106,8 +106,12 @@ def morl_stage(out: Path, mu: list[float], *, seed: int = 0, profile: str = "def
     _, train, _ = _builders(out, seed, profile, iterations)
     run_dir = out / f"seed{seed}" / ("morl" if mu == [0.5, 0.5] else f"morl_mu{mu[1]:g}")
     config, output = train(run_dir, seed, mu)
-    name = f"seed{seed}-" + ("morl" if mu == [0.5, 0.5] else f"morl-mu{mu[1]:g}")
-    return Stage(name, "morl", output, config, fit, seed=seed, mu=mu)
+    return Stage(morl_stage_name(mu, seed), "morl", output, config, fit, seed=seed, mu=mu)
+
+
+def morl_stage_name(mu: list[float], seed: int = 0) -> str:
+    """The stage (and timing) name of a MORL run: "seed0-morl" for the demo's mu = [0.5, 0.5]."""
+    return f"seed{seed}-" + ("morl" if mu == [0.5, 0.5] else f"morl-mu{mu[1]:g}")
 
 
 def front_config(out: Path, out_dir: Path, experts: list[Path], init: Path, morl: list[tuple[list[float], Path]],

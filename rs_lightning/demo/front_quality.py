@@ -70,10 +70,10 @@ def score(rows: list[dict], rewards: list[str], timings: dict | None = None) -> 
         if missing:
             raise ValueError(f"no MORL row for mu = {missing} in the sweep: was it trained and evaluated?")
         methods[f"MORL, {n} preference{'s' if n > 1 else ''}"] = (
-            [morl_rows[round(m, 6)] for m in ms], n, " ".join(_stage_name(m) for m in ms))
+            [morl_rows[round(m, 6)] for m in ms], n, " ".join(captioning.morl_stage_name(_mu(m)) for m in ms))
     all_morl = sorted(morl_rows)
     methods[f"MORL, all {len(all_morl)} preferences"] = (
-        [morl_rows[m] for m in all_morl], len(all_morl), " ".join(_stage_name(m) for m in all_morl))
+        [morl_rows[m] for m in all_morl], len(all_morl), " ".join(captioning.morl_stage_name(_mu(m)) for m in all_morl))
     table = []
     for name, (idx, trainings, stage_names) in methods.items():
         pts = values[[i for i in idx if valid[i]]]
@@ -90,10 +90,6 @@ def score(rows: list[dict], rewards: list[str], timings: dict | None = None) -> 
         })
     return {"rewards": rewards, "reference_point": ref.tolist(), "preferences": prefs.tolist(), "methods": table,
             "points": [{"kind": r["kind"], "name": r["name"], **{k: r["rewards"][k] for k in rewards}} for r in rows]}
-
-
-def _stage_name(m: float) -> str:
-    return "seed0-morl" if m == 0.5 else f"seed0-morl-mu{m:g}"
 
 
 def format_table(result: dict) -> str:

@@ -22,6 +22,8 @@ import contextlib
 
 from torch import Tensor, nn
 
+from rs_lightning.tasks.text import policy as pol
+
 
 def _fsdp_strategy(module):
     trainer = getattr(module, "_trainer", None)
@@ -110,10 +112,6 @@ def full_state_dicts(module, world_size: int) -> tuple[dict[str, Tensor], dict[s
     for part in (module.policy, module.value_head):
         with FullyShardedDataParallel.state_dict_type(part, StateDictType.FULL_STATE_DICT, config):
             # Names as the unwrapped module has them (PEFT filters the adapter out of them by name).
-            states.append({clean_name(k): v for k, v in part.state_dict().items()})
+            states.append({pol.clean_name(k): v for k, v in part.state_dict().items()})
     return states[0], states[1]
 
-
-def clean_name(name: str) -> str:
-    """A parameter name without the segments FSDP and activation checkpointing insert."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")

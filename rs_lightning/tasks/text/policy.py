@@ -96,8 +96,8 @@ def reference_policy(model: nn.Module) -> Iterator[None]:
             yield
 
 
-def _clean(name: str) -> str:
-    # FSDP and activation checkpointing insert wrapper segments into parameter names.
+def clean_name(name: str) -> str:
+    """A parameter name without the segments FSDP and activation checkpointing insert."""
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
@@ -105,6 +105,6 @@ def without_frozen(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str
     """The entries of `module`'s `state_dict` that training changes: trainable parameters (the adapter, the value
     head) and buffers (reward statistics). The frozen base model (and a frozen reference adapter) is left out: a
     checkpoint rebuilds it from the config, so it stays megabytes for a 7B policy."""
-    keep = {_clean(n) for n, p in module.named_parameters() if p.requires_grad}
-    keep |= {_clean(n) for n, _ in module.named_buffers()}
-    return {k: v for k, v in state_dict.items() if _clean(k) in keep}
+    keep = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
+    keep |= {clean_name(n) for n, _ in module.named_buffers()}
+    return {k: v for k, v in state_dict.items() if clean_name(k) in keep}
