@@ -1,10 +1,12 @@
-"""Caption rewards: COCO metrics as named rewards, CIDEr-D df, CLIPScore through a tiny CLIP, the MORL mixture,
-and the paper's learning-rate schedule."""
+"""Caption rewards: COCO metrics as named rewards, CIDEr-D df, CLIPScore through a tiny CLIP, the MORL mixture
+(all ordinary caption reward Metrics), and the paper's learning-rate schedule."""
 
 import pytest
 import torch
 
 from rs_lightning.rewards import caption
+from rs_lightning.rewards.registry import build_reward
+from rs_lightning.rewards.rules import LengthReward
 from rs_lightning.tasks.captioning import rewards as rw
 from rs_lightning.tasks.captioning.schedule import configure_radam, warmup_anneal
 
@@ -15,7 +17,7 @@ REFS = [["a red disc on the left", "a small red circle"], ["a large blue square 
 
 @pytest.mark.parametrize("metric", ["bleu1", "bleu4", "rouge_l", "cider_d"])
 def test_caption_reward_equals_caption_score(metric):
-    reward = rw.build_reward(metric)
+    reward = build_reward(metric)
     assert reward.name == metric
     torch.testing.assert_close(reward.score(CANDS, REFS), torch.tensor(caption.score(metric, CANDS, REFS)))
     reward.update(CANDS[:2], REFS[:2])
@@ -25,7 +27,7 @@ def test_caption_reward_equals_caption_score(metric):
 
 
 def test_cider_corpus_sets_document_frequencies():
-    reward = rw.CaptionReward("cider_d")
+    reward = rw.CaptionMetric("cider_d")
     corpus = REFS + [["a cat"], ["a dog on a mat"]]
     reward.set_cider_corpus(corpus)
     assert reward.score(CANDS, REFS).tolist() == pytest.approx(caption.CiderD(corpus).score(CANDS, REFS))
@@ -37,7 +39,7 @@ def test_cider_corpus_sets_document_frequencies():
 
 def test_clipscore_with_a_tiny_clip():
     torch.manual_seed(0)
-    reward = rw.build_reward("clipscore")
+    reward = build_reward("clipscore")
     images = torch.randn(3, 3, 64, 64)
     scores = reward.score(CANDS, REFS, images)
     assert scores.shape == (3,) and scores.dtype == torch.float32
@@ -49,12 +51,69 @@ def test_clipscore_with_a_tiny_clip():
         reward.score(CANDS, REFS)
 
 
+def _mixture(weights):
+    return build_reward({"type": "caption_mixture", "components": {"bleu1": "bleu1", "rouge_l": "rouge_l"},
+                         "weights": weights})
+
+
 def test_mixture_is_the_weighted_mean():
     comps = {"bleu1": torch.tensor([1.0, 0.0]), "rouge_l": torch.tensor([0.0, 0.5])}
-    torch.testing.assert_close(rw.mixture(comps, {"bleu1": 0.2, "rouge_l": 0.8}), torch.tensor([0.2, 0.4]))
-    torch.testing.assert_close(rw.mixture(comps, {"bleu1": 2.0, "rouge_l": 0.0}), comps["bleu1"])
-    with pytest.raises(ValueError):
-        rw.mixture(comps, {"bleu1": 0.0, "rouge_l": 0.0})
+    torch.testing.assert_close(_mixture([0.2, 0.8]).combine(comps), torch.tensor([0.2, 0.4]))
+    torch.testing.assert_close(_mixture([2.0, 0.0]).combine(comps), comps["bleu1"])
+    with pytest.raises(ValueError, match="not all zero"):
+        _mixture([0.0, 0.0])
+
+
+def test_mixture_metric_equals_the_hand_computed_weighted_mean():
+    mix = _mixture([1.0, 3.0])
+    assert isinstance(mix, rw.CaptionMixture) and mix.names == ["bleu1", "rouge_l"]
+    bleu1 = torch.tensor(caption.score("bleu1", CANDS, REFS), dtype=torch.float32)
+    rouge = torch.tensor(caption.score("rouge_l", CANDS, REFS), dtype=torch.float32)
+    raw = mix.score_components(CANDS, REFS)
+    assert torch.equal(raw["bleu1"], bleu1) and torch.equal(raw["rouge_l"], rouge)
+    # sum_i mu_i R_i / sum_i mu_i, in float32 and component order: bit-equal to the former `mixture` function
+    assert torch.equal(mix.score(CANDS, REFS), bleu1 * (1.0 / 4.0) + rouge * (3.0 / 4.0))
+    # as a Metric: the mean of the per-caption mixture, through the shared sum/count states
+    mix.update(CANDS[:1], REFS[:1])
+    mix.update(CANDS[1:], REFS[1:], torch.zeros(2, 3, 8, 8))
+    assert int(mix.count) == 3
+    assert float(mix.compute()) == pytest.approx(float(((bleu1 + 3 * rouge) / 4).mean()), abs=1e-6)
+    assert not mix.needs_images
+
+
+def test_mixture_errors_name_the_culprit():
+    with pytest.raises(ValueError, match="2 weights for 1 components"):
+        rw.CaptionMixture({"bleu1": rw.CaptionMetric("bleu1")}, [0.5, 0.5])
+    with pytest.raises(ValueError, match="finite"):
+        rw.CaptionMixture([rw.CaptionMetric("bleu1")], [float("nan")])
+    with pytest.raises(TypeError, match="'short' is a LengthReward, expected a CaptionRewardMetric"):
+        rw.CaptionMixture({"short": LengthReward()}, [1.0])
+    with pytest.raises(KeyError, match="rouge_l"):
+        _mixture([0.5, 0.5]).combine({"bleu1": torch.zeros(2)})
+    with pytest.raises(ValueError, match="needs the reference captions"):
+        rw.CaptionMetric("bleu1").score(CANDS)
+
+
+def test_clipscore_metric_accumulates_the_mean_of_its_scores():
+    torch.manual_seed(0)
+    reward = rw.CLIPScore()
+    images = torch.randn(3, 3, 64, 64)
+    scores = reward.score(CANDS, None, images)
+    reward.update(CANDS[:2], REFS[:2], images[:2])
+    reward.update(CANDS[2:], images=images[2:])
+    assert int(reward.count) == 3
+    assert float(reward.compute()) == pytest.approx(float(scores.mean()), abs=1e-6)
+    reward.reset()
+    assert int(reward.count) == 0 and float(reward.total) == 0.0
+    # scoring ran in inference mode; the CLIP it moved there must still be usable outside it
+    assert not any(p.is_inference() for p in reward._clip.value[0].parameters())
+    # in a mixture with a COCO metric: the images reach CLIPScore, the mixture says it needs them
+    mix = rw.CaptionMixture({"clip": reward, "bleu1": rw.CaptionMetric("bleu1")}, [1.0, 1.0])
+    assert mix.needs_images
+    bleu1 = torch.tensor(caption.score("bleu1", CANDS, REFS), dtype=torch.float32)
+    torch.testing.assert_close(mix.score(CANDS, REFS, images), (scores + bleu1) / 2)
+    with pytest.raises(ValueError, match="2 images for 3 candidate captions"):
+        mix.score(CANDS, REFS, images[:2])
 
 
 def test_warmup_anneal_schedule():

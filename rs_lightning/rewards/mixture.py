@@ -13,6 +13,8 @@ rewarded soups train one expert per reward. The paper's code used raw logits and
 - ``"fixed"``: z-score with given per-component ``mean``/``std`` (e.g. measured on the init policy).
 
 Per-component RAW scores are always available (``score_components``) so every reward is logged separately.
+``MixtureReward`` mixes text rewards; captioning's raw-score mixture is ``tasks.captioning.rewards.CaptionMixture``,
+which checks its components with the same :func:`named_components`.
 """
 
 from __future__ import annotations
@@ -25,34 +27,41 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rs_lightning.rewards.base import RewardMetric, check_batch
+from rs_lightning.rewards.base import RewardMetric, TextRewardMetric, check_batch
 
-__all__ = ["MixtureReward"]
+__all__ = ["MixtureReward", "named_components"]
 
 Normalization = Literal["none", "running", "fixed"]
 
 
-def _named_components(
+def named_components(
     components: Mapping[str, RewardMetric] | Sequence[RewardMetric] | Sequence[tuple[str, RewardMetric]],
+    family: type[RewardMetric] = RewardMetric,
 ) -> list[tuple[str, RewardMetric]]:
+    """``(name, reward)`` pairs of a mixture's components, checked: unique module-key names, rewards of ``family``.
+
+    Args:
+        components: ``{name: reward}``, or a list of rewards (named by their ``name``) or of ``(name, reward)``.
+        family: the reward family every component must belong to (the mixture scores one batch with all).
+    """
     if isinstance(components, Mapping):
         pairs = list(components.items())
     else:
         pairs = [c if isinstance(c, tuple) else (c.name, c) for c in components]
     if not pairs:
-        raise ValueError("MixtureReward needs at least one component")
+        raise ValueError("a mixture needs at least one component")
     names = [n for n, _ in pairs]
     if len(set(names)) != len(names):
         raise ValueError(f"component names must be unique, got {names}; pass a dict or set `name=` on each reward")
     for name, metric in pairs:
-        if not isinstance(metric, RewardMetric):
-            raise TypeError(f"component {name!r} is a {type(metric).__name__}, expected a RewardMetric")
+        if not isinstance(metric, family):
+            raise TypeError(f"component {name!r} is a {type(metric).__name__}, expected a {family.__name__}")
         if not name or "." in name:
             raise ValueError(f"component name {name!r} must be non-empty and contain no '.' (it is a module key)")
     return pairs
 
 
-class MixtureReward(RewardMetric):
+class MixtureReward(TextRewardMetric):
     """Weighted mean of component rewards, ``sum_k mu_k norm(R_k) / sum_k mu_k``, per sample.
 
     Args:
@@ -70,7 +79,7 @@ class MixtureReward(RewardMetric):
 
     def __init__(
         self,
-        components: dict[str, RewardMetric] | list[RewardMetric],
+        components: dict[str, TextRewardMetric] | list[TextRewardMetric],
         weights: list[float],
         normalization: Normalization = "none",
         mean: list[float] | None = None,
@@ -80,7 +89,7 @@ class MixtureReward(RewardMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        pairs = _named_components(components)
+        pairs = named_components(components, TextRewardMetric)
         k = len(pairs)
         self.components = nn.ModuleDict(pairs)
         self.weights = [float(w) for w in weights]

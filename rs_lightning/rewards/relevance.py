@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rs_lightning.rewards.base import HeldObject, RewardMetric
+from rs_lightning.rewards.base import HeldObject, TextRewardMetric
 
 __all__ = ["RelevanceReward", "default_minilm_path"]
 
@@ -31,7 +31,7 @@ def default_minilm_path() -> str:
     return str(get_model_path())
 
 
-class RelevanceReward(RewardMetric):
+class RelevanceReward(TextRewardMetric):
     """Cosine similarity in [-1, 1] between the response and its target text, one float per sample.
 
     Args:

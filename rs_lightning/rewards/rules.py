@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rs_lightning.rewards.base import RewardMetric
+from rs_lightning.rewards.base import TextRewardMetric
 
 __all__ = ["KeywordReward", "LengthReward", "text_length"]
 
@@ -27,7 +27,7 @@ def text_length(text: str, unit: Literal["words", "chars"] = "words") -> int:
     raise ValueError(f"unknown unit {unit!r}; expected 'words' or 'chars'")
 
 
-class LengthReward(RewardMetric):
+class LengthReward(TextRewardMetric):
     """Reward for the response's length.
 
     - ``target`` given: ``-|n - target| / target``, 0 at the target and -1 for an empty response (or a response
@@ -69,7 +69,7 @@ class LengthReward(RewardMetric):
         return -(n - self.target).abs() / self.target
 
 
-class KeywordReward(RewardMetric):
+class KeywordReward(TextRewardMetric):
     """Reward for mentioning keywords in the response.
 
     - ``mode="presence"``: fraction of the keywords that occur at least once, in [0, 1].

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rs_lightning.rewards.base import HeldObject, RewardMetric
+from rs_lightning.rewards.base import HeldObject, TextRewardMetric
 
 __all__ = ["PAPER_REWARD_MODELS", "TextClassifierReward", "first_sentence", "paper_reward_models", "parse_output"]
 
@@ -109,7 +109,7 @@ class _Loaded:
     max_length: int
 
 
-class TextClassifierReward(RewardMetric):
+class TextClassifierReward(TextRewardMetric):
     """Raw logits (or a logit difference) of a sequence-classification reward model.
 
     Args:

@@ -11,12 +11,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rs_lightning.rewards.base import HeldObject, RewardMetric
+from rs_lightning.rewards.base import HeldObject, TextRewardMetric
 
 __all__ = ["VaderReward"]
 
 
-class VaderReward(RewardMetric):
+class VaderReward(TextRewardMetric):
     """Compound VADER score of the response (``"positive"`` is high), one float in [-1, 1] per sample.
 
     Args:

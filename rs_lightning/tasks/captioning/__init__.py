@@ -3,7 +3,7 @@
 - `model`: open_clip CoCa loading, the tiny offline configs, tokenizer, image transforms, weight files;
 - `decoding`: sampling, greedy and beam search with exact log-probs, teacher forcing;
 - `synthetic`, `coco`, `data`: the offline caption set, COCO (Karpathy split), the LightningDataModule;
-- `rewards`: COCO metrics and CLIPScore as rewards, the MORL mixture;
+- `rewards`: COCO metrics and CLIPScore as caption rewards, the MORL mixture (`CaptionMixture`);
 - `module`, `schedule`, `export`: the LightningModule (XE and SCST), the paper's optimiser, expert export.
 
 Importing this package is cheap; the names below load their module on first access.
@@ -17,7 +17,8 @@ _LAZY = {
     "CaptionDataModule": "data",
     "CaptioningModule": "module",
     "CaptionDecoder": "decoding",
-    "CaptionReward": "rewards",
+    "CaptionMetric": "rewards",
+    "CaptionMixture": "rewards",
     "CLIPScore": "rewards",
     "CaptionTokenizer": "model",
     "ExportCaptioner": "export",

@@ -1,71 +1,46 @@
 """Caption rewards for SCST and evaluation: the COCO metrics, CLIPScore, and the MORL mixture.
 
-The text task's `RewardMetric` scores one reference string per sample; a caption has a LIST of references and
-CLIPScore also needs the image, so captions use this small interface instead, still torchmetrics Metrics:
+Every caption reward is a `rewards.base.CaptionRewardMetric`, the same contract as the text rewards (one base
+class, one sum/count state, one `registry.build_reward`), with a caption batch:
 
-- `score(candidates, references, images=None) -> [B]` float32 CPU scores, no state change (training rewards);
+- `score(candidates, references=None, images=None) -> [B]` float32 CPU scores, no state change (training
+  rewards);
 - `update(...)` / `compute()`: the mean per-caption score, summed across processes (evaluation,
   `test/reward/<name>`).
 
-`CaptionReward` wraps `rewards.caption_metric.CaptionMetric` (BLEU-1..4, ROUGE-L, CIDEr-D, METEOR, SPICE):
-for `cider_d` call `set_cider_corpus` with the training references (SCST) or the evaluated split's
-references (evaluation: the mean per-caption score then equals pycocoevalcap's corpus CIDEr-D on that split).
-`CLIPScore` is Hessel et al.'s reference-free score, w * max(cos(image, "A photo depicts" + caption), 0)
-with w = 2.5, through any open_clip CLIP (no pretrained CLIP exists offline: tests use a tiny random one).
-`mixture` is the MORL reward sum_i mu_i R_i / sum_i mu_i on RAW scores (no normalisation, as in the paper).
+The COCO metrics (BLEU-1..4, ROUGE-L, CIDEr-D, METEOR, SPICE) are `rewards.caption_metric.CaptionMetric`,
+built by their names. `CLIPScore` is Hessel et al.'s reference-free score (https://arxiv.org/abs/2104.08718),
+w * max(cos(image, "A photo depicts" + caption), 0) with w = 2.5, through any open_clip CLIP (no pretrained
+CLIP exists offline: tests use a tiny random one). `CaptionMixture` is the MORL reward
+sum_i mu_i R_i / sum_i mu_i on RAW scores (no normalisation, as in the paper).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torchmetrics import Metric
+from torch import Tensor, nn
 
 from rs_lightning.rewards import caption
-from rs_lightning.rewards.base import HeldObject
+from rs_lightning.rewards.base import CaptionRewardMetric, HeldObject
 from rs_lightning.rewards.caption_metric import CaptionMetric
+from rs_lightning.rewards.mixture import named_components
+
+__all__ = ["OPENAI_MEAN", "OPENAI_STD", "REWARD_NAMES", "CLIPScore", "CaptionMetric", "CaptionMixture",
+           "corpus_metrics"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+#: the caption rewards `registry.build_reward` builds by name alone (the mixture also needs components)
 REWARD_NAMES = (*caption.METRICS, "clipscore")
 
 
-class CaptionReward(CaptionMetric):
-    """A COCO caption metric as a named reward (see the module docstring).
-
-    Args:
-        metric: bleu1..bleu4, rouge_l, cider_d, meteor or spice.
-        name: log name (default: `metric`).
-        cider_corpus: `cider_d` only: reference lists to take document frequencies from.
-        **kwargs: forwarded to `CaptionMetric`.
-    """
-
-    def __init__(self, metric: str, name: str | None = None, cider_corpus: Sequence[Sequence[str]] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(metric, cider_corpus=cider_corpus, **kwargs)
-        self.name = name or metric
-
-    def set_cider_corpus(self, corpus: Sequence[Sequence[str]]) -> None:
-        """Take CIDEr-D document frequencies from `corpus` (one reference list per image) from now on."""
-        if self.metric == "cider_d":
-            self._cider = caption.CiderD(corpus, tokenize=self.tokenize)
-
-    def score(self, candidates: Sequence[str], references: Sequence[Sequence[str]],
-              images: Tensor | None = None) -> Tensor:
-        """`[B]` float32 per-caption scores (`images` is unused)."""
-        return super().score(candidates, references)
-
-    def update(self, candidates: Sequence[str], references: Sequence[Sequence[str]],
-               images: Tensor | None = None) -> None:
-        super().update(candidates, references)
-
-
-class CLIPScore(Metric):
+class CLIPScore(CaptionRewardMetric):
     """CLIPScore (Hessel et al. 2021): w * max(cos(E_image, E_text), 0), reference-free.
 
     The CLIP is built lazily and held outside the module tree (`HeldObject`): it is never in a captioner's
@@ -78,23 +53,21 @@ class CLIPScore(Metric):
         weight: w (2.5 in the paper).
         prefix: text prepended to each caption ("A photo depicts" in the paper).
         image_mean, image_std: the normalisation of the incoming images.
-        name: log name.
+        name: log name (default "clipscore").
+        **kwargs: forwarded to `torchmetrics.Metric`.
     """
 
-    full_state_update = False
-    higher_is_better = True
-    is_differentiable = False
+    default_name = "clipscore"
+    needs_images = True
 
     def __init__(self, model: str = "clip-tiny", pretrained: str | None = None, weight: float = 2.5,
                  prefix: str = "A photo depicts", image_mean: Sequence[float] = OPENAI_MEAN,
-                 image_std: Sequence[float] = OPENAI_STD, name: str = "clipscore", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.name, self.model_name, self.pretrained = name, model, pretrained
+                 image_std: Sequence[float] = OPENAI_STD, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.model_name, self.pretrained = model, pretrained
         self.weight, self.prefix = weight, prefix
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self._clip = HeldObject()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def load(self) -> None:
         """Build the CLIP and its tokenizer now (idempotent)."""
@@ -120,40 +93,77 @@ class CLIPScore(Metric):
         std = torch.tensor(cfg["std"], device=device).view(shape)
         return (x - mean) / std
 
-    def score(self, candidates: Sequence[str], references: Sequence[Sequence[str]] | None = None,
-              images: Tensor | None = None) -> Tensor:
-        """`[B]` float32 CLIPScores of `candidates` for `images` (`[B, 3, S, S]`); references are unused."""
-        if images is None or len(images) != len(candidates):
-            raise ValueError("CLIPScore needs one image per candidate caption")
-        self.load()
+    def _score(self, candidates: list[str], references: list[Sequence[str]] | None, images: Tensor | None) -> Tensor:
+        if images is None:
+            raise ValueError("CLIPScore needs one image per candidate caption, got images=None")
         clip, tokenizer, cfg = self._clip.value
         device = images.device
-        clip.to(device)
-        with torch.inference_mode():
-            image_features = F.normalize(clip.encode_image(self._prepare_images(images, cfg, device)), dim=-1)
-            texts = [f"{self.prefix} {c}".strip() for c in candidates]
-            text_features = F.normalize(clip.encode_text(tokenizer(texts).to(device)), dim=-1)
-            cosine = (image_features * text_features).sum(-1)
-        return (self.weight * cosine.clamp_min(0)).detach().to("cpu", torch.float32).clone()
-
-    def update(self, candidates: Sequence[str], references: Sequence[Sequence[str]] | None = None,
-               images: Tensor | None = None) -> None:
-        scores = self.score(candidates, references, images)
-        self.total += scores.sum().to(self.total)
-        self.count += scores.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).to(torch.float32)
+        # `score` runs this in inference mode: moving the CLIP there would turn its weights into inference tensors.
+        with torch.inference_mode(False):
+            clip.to(device)
+        image_features = F.normalize(clip.encode_image(self._prepare_images(images, cfg, device)), dim=-1)
+        texts = [f"{self.prefix} {c}".strip() for c in candidates]
+        text_features = F.normalize(clip.encode_text(tokenizer(texts).to(device)), dim=-1)
+        cosine = (image_features * text_features).sum(-1)
+        return self.weight * cosine.clamp_min(0)
 
 
-def build_reward(name: str, *, clip_model: str = "clip-tiny", clip_pretrained: str | None = None,
-                 image_mean: Sequence[float] = OPENAI_MEAN, image_std: Sequence[float] = OPENAI_STD) -> Metric:
-    """A reward by name: a COCO metric (`caption.METRICS`) or "clipscore"."""
-    if name == "clipscore":
-        return CLIPScore(clip_model, clip_pretrained, image_mean=image_mean, image_std=image_std)
-    if name not in caption.METRICS:
-        raise ValueError(f"unknown caption reward {name!r}; choose from {', '.join(REWARD_NAMES)}")
-    return CaptionReward(name)
+class CaptionMixture(CaptionRewardMetric):
+    """The MORL caption reward sum_i mu_i R_i / sum_i mu_i of its components' RAW per-caption scores.
+
+    Args:
+        components: `{name: caption reward}`, or a list of caption rewards (named by their `name`).
+        weights: mu, one non-negative weight per component, in order (not all zero); divided by their sum.
+        name: log name (default "mixture").
+        **kwargs: forwarded to `torchmetrics.Metric`.
+    """
+
+    default_name = "mixture"
+
+    def __init__(self, components: dict[str, CaptionRewardMetric] | list[CaptionRewardMetric],
+                 weights: list[float], name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.components = nn.ModuleDict(named_components(components, CaptionRewardMetric))
+        self.weights = [float(w) for w in weights]
+        if len(self.weights) != len(self.components):
+            raise ValueError(f"got {len(self.weights)} weights for {len(self.components)} components {self.names}")
+        if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"reward weights must be finite, >= 0 and not all zero, got "
+                             f"{dict(zip(self.names, self.weights))}")
+
+    @property
+    def names(self) -> list[str]:
+        """Component names, in weight order."""
+        return list(self.components)
+
+    @property
+    def needs_images(self) -> bool:  # type: ignore[override]
+        return any(c.needs_images for c in self.components.values())
+
+    def load(self) -> None:
+        """Load every component's model (outside inference mode, before `score` enters it)."""
+        for reward in self.components.values():
+            reward.load()
+
+    def score_components(self, candidates: Sequence[str], references: Sequence[Sequence[str]] | None = None,
+                         images: Tensor | None = None) -> dict[str, Tensor]:
+        """RAW per-caption scores of every component, `{name: [B] float32 CPU}` (no state change)."""
+        return {name: reward.score(candidates, references, images) for name, reward in self.components.items()}
+
+    def combine(self, components: Mapping[str, Tensor]) -> Tensor:
+        """sum_i mu_i R_i / sum_i mu_i of `{name: scores}` (e.g. from `score_components`), same shape, float32."""
+        missing = [n for n in self.components if n not in components]
+        if missing:
+            raise KeyError(f"missing component scores {missing}; expected {self.names}")
+        total = sum(self.weights)
+        # float32 products summed in component order: the arithmetic every captioning run so far was trained with.
+        return sum(components[n].to(torch.float32) * (w / total) for n, w in zip(self.components, self.weights))
+
+    def _score(self, candidates: list[str], references: list[Sequence[str]] | None, images: Tensor | None) -> Tensor:
+        return self.combine(self.score_components(candidates, references, images))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weights={self.weights}"
 
 
 def corpus_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -163,19 +173,3 @@ def corpus_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]
     names = [m for m in caption.DEFAULT_CORPUS_METRICS if java or m != "meteor"]
     values = caption.evaluate_corpus(candidates, references, names, tokenizer="ptb" if java else "fast")
     return {name: float(value) for name, value in values.items()}
-
-
-def mixture(components: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """MORL reward: sum_i mu_i R_i / sum_i mu_i over RAW per-sample scores.
-
-    Args:
-        components: `{name: [...]}` scores of the same shape.
-        weights: `{name: mu}`, non-negative, not all zero; every name must be in `components`.
-
-    Returns:
-        The weighted mean, same shape as the components.
-    """
-    total = sum(float(w) for w in weights.values())
-    if any(float(w) < 0 for w in weights.values()) or total <= 0:
-        raise ValueError(f"reward weights must be >= 0 and not all zero, got {dict(weights)}")
-    return sum(components[name].to(torch.float32) * (float(w) / total) for name, w in weights.items())
