@@ -1,4 +1,5 @@
-"""Pure RL math (no Lightning, no transformers): PPO for the text tasks, SCST for captioning.
+"""Pure RL math (no Lightning, no transformers): PPO for the text tasks (GAE, or the critic-free sequence and RLOO
+advantages), SCST for captioning.
 
 See `ppo.py` for the conventions ([B, T] response tensors padded on the right, with a mask) and for the
 deliberate differences from TRL 0.4, the PPO implementation the paper used.
@@ -15,6 +16,7 @@ from rs_lightning.rl.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from rs_lightning.rl.rloo import rloo_advantages
 from rs_lightning.rl.scst import greedy_baseline, leave_one_out_baseline, scst_loss, sequence_logprobs
 from rs_lightning.rl.sequence import sequence_advantages
 from rs_lightning.rl.whiten import masked_mean, masked_sum, masked_var, masked_whiten
@@ -37,6 +39,7 @@ __all__ = [
     "ppo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "rloo_advantages",
     "scst_loss",
     "sequence_advantages",
     "sequence_kl",

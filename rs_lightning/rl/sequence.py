@@ -1,11 +1,15 @@
-"""Critic-free sequence advantages: the batch z-score of each response's KL-penalised return.
+"""Critic-free sequence advantages: PPO-clip with a batch baseline (the batch mean of the scores).
 
     A_i = z(R_i) - beta * (KL_i - mean_j KL_j),   the same value on every real token of response i
 
-where z is the batch z-score of the scores and KL_i the summed per-token KL to the reference. No value
-head is needed, so the signal is usable from the first iteration, which matters for short CPU runs (the
-feasibility study of the offline review task used exactly this with clipped PPO updates). The paper's
-own recipe is GAE with a learned value head (`ppo.gae`): choose with the text module's `advantage` arg.
+where z(R_i) = (R_i - mean_j R_j) / std_j R_j is the batch z-score of the raw scores and KL_i the summed per-token
+KL of response i to the reference. The batch mean is the baseline of both terms; only the score term is divided by
+the batch std, the KL term is centred but not rescaled. So this is NOT the z-score of the KL-penalised return
+R_i - beta * KL_i (which would divide both terms by the std of the penalised return); beta here weighs the KL
+against a unit-variance score.
+No value head is needed, so the signal is usable from the first iteration, which matters for short CPU runs (the
+offline review configs use it with clipped PPO updates). The paper's own recipe is GAE with a learned value head
+(`ppo.gae`); RLOO (`rloo.py`) is the per-prompt baseline alternative: choose with the text module's `advantage`.
 """
 
 from __future__ import annotations

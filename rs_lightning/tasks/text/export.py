@@ -1,10 +1,11 @@
-"""Expert export: the trained adapter in PEFT format plus the value head, ready for `rs soup` / `rs front`.
+"""Expert export: the trained adapter in PEFT format (plus the value head of GAE runs), for `rs soup` / `rs front`.
 
 Layout of an exported expert folder:
     adapter_config.json, adapter_model.safetensors   the "default" LoRA (PEFT format; loads with
                                                      PeftModel.from_pretrained and `rs_lightning.soup.lora`)
-    value_head.safetensors                           the scalar value head (ignored by soups, as in the paper)
-    expert.json                                      rewards, mu, base model, PPO iterations
+    value_head.safetensors                           the scalar value head (ignored by soups, as in the paper);
+                                                     absent for the critic-free advantages, which have none
+    expert.json                                      rewards, mu, base model, advantage, KL reference, PPO iterations
 Written atomically (temp folder, then rename), so a crash never leaves a half-written expert.
 """
 
@@ -24,19 +25,22 @@ from rs_lightning.tasks.text import fsdp
 
 
 def export_expert(module, dirpath: str | os.PathLike, *, overwrite: bool = True, states=None) -> Path:
-    """Write `module`'s trainable adapter and value head to `dirpath` (a TextPPOModule).
+    """Write `module`'s trainable adapter and value head (if it has one) to `dirpath` (a TextPPOModule).
 
-    `states`: (policy, value head) full state dicts gathered from FSDP units (`fsdp.full_state_dicts`); None
-    reads the live module."""
+    `states`: (policy, value head or None) full state dicts gathered from FSDP units (`fsdp.full_state_dicts`);
+    None reads the live module."""
     dirpath = Path(dirpath)
-    policy_state, head_state = states if states is not None else (None, module.value_head.state_dict())
+    if states is None:
+        states = (None, None if module.value_head is None else module.value_head.state_dict())
+    policy_state, head_state = states
     with atomic_dir(dirpath, overwrite=overwrite) as tmp:
         if policy_state is None:
             module.policy.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
         else:
             _save_gathered_adapter(fsdp.unwrap(module.policy), policy_state, tmp, dirpath)
-        head = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
-        save_file(head, str(tmp / "value_head.safetensors"))
+        if head_state is not None:
+            head = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
+            save_file(head, str(tmp / "value_head.safetensors"))
         hp = module.hparams
         info = {
             "base_model": hp.model,
@@ -44,6 +48,8 @@ def export_expert(module, dirpath: str | os.PathLike, *, overwrite: bool = True,
             "reward_weights": module.objective.weights,
             "reward_normalization": hp.reward_normalization,
             "init_adapter": hp.init_adapter,
+            "advantage": hp.advantage,
+            "kl_reference": hp.kl_reference,
             "lora_init_seed": hp.lora_init_seed,
             "ppo_iterations": module.ppo_iteration,
         }

@@ -1,4 +1,5 @@
-"""FSDP for the PPO policy: the policy and the value head become FSDP roots of their own (in `configure_model`).
+"""FSDP for the PPO policy: the policy and the value head (GAE only) become FSDP roots of their own (in
+`configure_model`); the critic-free advantages have no value head, only the policy is wrapped.
 
 Why not let Lightning wrap the whole LightningModule, as it does by default: PPO runs ppo_epochs x mini-batches
 forward/backward passes inside ONE `training_step`, and Lightning runs `training_step` inside the root unit's
@@ -47,7 +48,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def shard_policy(module) -> bool:
     """Under an FSDPStrategy, wrap `module.policy` (with the strategy's auto-wrap policy) and `module.value_head`
-    as FSDP roots, once; return whether the module is sharded. Call from `configure_model`."""
+    (unless it is None: critic-free advantages) as FSDP roots, once; return whether the module is sharded. Call from
+    `configure_model`."""
     strategy = _fsdp_strategy(module)
     if strategy is None:
         return False
@@ -64,7 +66,8 @@ def shard_policy(module) -> bool:
     kwargs["auto_wrap_policy"] = lora_aware_policy(module.policy, kwargs.get("auto_wrap_policy"))
     module.policy = FullyShardedDataParallel(module.policy, **common, **kwargs)
     kwargs.pop("auto_wrap_policy", None)
-    module.value_head = FullyShardedDataParallel(module.value_head, **common, **kwargs)
+    if module.value_head is not None:
+        module.value_head = FullyShardedDataParallel(module.value_head, **common, **kwargs)
     return True
 
 
@@ -100,16 +103,19 @@ def generation_context(policy: nn.Module):
     return FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False)
 
 
-def full_state_dicts(module, world_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
-    """(policy, value head) full state dicts, gathered on rank 0 (empty elsewhere); None without FSDP.
-    A collective: every rank must call it."""
+def full_state_dicts(module, world_size: int) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
+    """(policy, value head) full state dicts, gathered on rank 0 (empty elsewhere); the value head's is None when
+    the module has none (critic-free advantages); None without FSDP. A collective: every rank must call it."""
     if not is_sharded(module.policy):
         return None
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
     config = FullStateDictConfig(offload_to_cpu=world_size > 1, rank0_only=True)  # one rank runs NO_SHARD
-    states = []
+    states: list[dict[str, Tensor] | None] = []
     for part in (module.policy, module.value_head):
+        if part is None:
+            states.append(None)
+            continue
         with FullyShardedDataParallel.state_dict_type(part, StateDictType.FULL_STATE_DICT, config):
             # Names as the unwrapped module has them (PEFT filters the adapter out of them by name).
             states.append({pol.clean_name(k): v for k, v in part.state_dict().items()})

@@ -1,20 +1,24 @@
 """`TextPPOModule`: PPO with LoRA on a causal LM, as a LightningModule (manual optimisation).
 
 One training step = one PPO iteration of the paper (TRL 0.4 semantics):
-1. sample a response per prompt (top_k 0, top_p 1, lengths drawn from `response_length`, EOS ignored by
-   default as in the paper);
+1. sample a response per prompt (`rloo`: `rloo_k` per prompt) (top_k 0, top_p 1, lengths drawn from
+   `response_length`, EOS ignored by default as in the paper);
 2. score it with every reward (all are logged) and form the training reward sum_k mu_k R_k / sum mu_k
    (`reward_weights` = mu: one-hot for an expert, mixed for MORL; normalisation explicit);
-3. old log-probs and values, and reference log-probs (frozen SFT adapter, or the base model);
-4. per-token reward -beta KL with the score on the last token, GAE (gamma 1, lambda 0.95);
-5. `ppo_epochs` passes over shuffled mini-batches: clipped policy + vf_coef * clipped value loss,
-   whitened advantages, gradient clipping; then the KL controller update.
+3. old log-probs (and values for GAE), and reference log-probs (`kl_reference`: the frozen initial adapter, or
+   the base model);
+4. advantages: `gae` (the paper): per-token reward -beta KL with the score on the last token, GAE (gamma 1,
+   lambda 0.95); or critic-free `sequence` (rl/sequence.py) or `rloo` (rl/rloo.py), one value per response;
+5. `ppo_epochs` passes over shuffled mini-batches: clipped policy loss (+ vf_coef * clipped value loss for GAE,
+   with whitened advantages), gradient clipping; then the KL controller update.
 Logged per iteration: train/reward/<name> for every reward and train/reward/total (synced over ranks), train/kl,
 train/kl_coef, the PPO statistics, and time/{generate,score,reference,optimise} (this rank's seconds); the last
 iteration's texts, raw rewards and timings stay in `last_iteration`. Evaluation (`validation_step`/`test_step`)
-decodes greedily and logs `test/reward/<name>` for every reward, the metrics the front sweep reads.
+decodes greedily, logs `test/reward/<name>` for every reward (the front's objectives) and the weighted
+total as `test/reward_total`, and returns the per-example scores (the contract of rs_lightning.front.per_example).
 Runs are sized in PPO iterations (`limit_train_batches` x `max_epochs`), not in Lightning's `global_step`.
-Expert export (PEFT adapter + value head) lives in `export.py`.
+The training iteration itself lives in `training.py`, expert export (PEFT adapter, + value head for GAE) in
+`export.py`.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ from rs_lightning.rewards.mixture import MixtureReward
 from rs_lightning.soup.lora import live_adapter_state
 from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
-from rs_lightning.tasks.text.rollout import PhaseClock, Rollout, generate, response_forward, sample_lengths
+from rs_lightning.tasks.text.rollout import Rollout, generate
+from rs_lightning.tasks.text.training import PPOIteration
+
+CRITIC_FREE = ("sequence", "rloo")  # advantages without a value head
 
 
-class TextPPOModule(L.LightningModule):
+class TextPPOModule(PPOIteration, L.LightningModule):
     """PPO + LoRA policy for text generation. Every argument is a config key (LightningCLI `model.init_args`).
 
     Args:
@@ -46,19 +53,26 @@ class TextPPOModule(L.LightningModule):
         reward_normalization: "none" (the paper: raw scores), "running" (z-score with running stats), "fixed".
         reward_mean, reward_std: per-reward statistics for "fixed".
         lora_r, lora_alpha, lora_dropout, target_modules: the LoRA (paper: 16, 16, 0.05, q/k/v/o).
-        init_adapter: start from this PEFT adapter (the paper's SFT LoRA); it is also the frozen KL reference.
+        init_adapter: start from this PEFT adapter (the paper's SFT LoRA).
+        kl_reference: "init" (default): the KL reference is the policy's starting point, i.e. a frozen copy of
+            `init_adapter`; "base": the base model with the adapter disabled, what the paper's TRL 0.4 did for a
+            PEFT policy (see policy.py). The same thing for a fresh LoRA.
         lora_init_seed: seed of a fresh LoRA and of the value head, shared by every run of an experiment.
         lr: Adam learning rate (paper 1.41e-5).
         ppo_epochs, mini_batch_size: passes over each batch and their mini-batch size (paper 4, 4).
         init_kl_coef, adaptive_kl, kl_target, kl_horizon: KL penalty (paper 0.2 (0.05 summaries), on, 6, 10000).
-        gamma, lam: GAE (1, 0.95). cliprange, cliprange_value, vf_coef: PPO (0.2, 0.2, 0.1).
+        gamma, lam: GAE (1, 0.95). cliprange, cliprange_value, vf_coef: PPO (0.2, 0.2, 0.1); the value ones only
+            for GAE.
         max_grad_norm: gradient clipping (None: off, as TRL 0.4).
         whiten: "minibatch" (TRL 0.4, the paper) or "batch": where GAE advantages are whitened.
-        advantage: "gae" (the paper: GAE with the learned value head) or "sequence" (critic-free: the batch
-            z-score of each response's KL-penalised return on every token; learns from the first iteration,
-            for short CPU runs; see rl/sequence.py).
+        advantage: "gae" (the paper: GAE with a learned value head), or critic-free (no value head, one advantage
+            per response on all its tokens, PPO-clip policy loss): "sequence", z(R_i) - beta (KL_i - mean KL), a
+            batch baseline (rl/sequence.py); "rloo", R_i - beta KL_i minus the mean of the other rloo_k - 1
+            samples of the same prompt (rl/rloo.py). Both learn from the first iteration (short CPU runs).
+        rloo_k: samples per prompt for "rloo" (>= 2): each training batch of B prompts yields B * rloo_k responses.
         response_length: (low, high) of max_new_tokens, drawn uniformly (paper 16..32).
-        length_sampling: "batch" (one length per batch, as TRL) or "prompt" (one per prompt).
+        length_sampling: "batch" (one length per batch) or "prompt" (one per prompt: the paper's loop drew TRL's
+            LengthSampler per query). With "rloo" the k samples of a prompt share its draw.
         ignore_eos: generate past EOS as the paper does (every response has exactly its length).
         top_k, top_p, temperature: rollout sampling (paper 0, 1.0, 1.0).
         eval_max_new_tokens: greedy decoding length at validation/test (paper 32).
@@ -99,6 +113,8 @@ class TextPPOModule(L.LightningModule):
         max_grad_norm: float | None = None,
         whiten: str = "minibatch",
         advantage: str = "gae",
+        rloo_k: int = 2,
+        kl_reference: str = "init",
         response_length: tuple[int, int] = (16, 32),
         length_sampling: str = "batch",
         ignore_eos: bool = True,
@@ -127,11 +143,15 @@ class TextPPOModule(L.LightningModule):
             reward_weights = [1.0]
         fields = ("prompts", "instructions", "inputs")
         for arg, value, choices in (("whiten", whiten, ("minibatch", "batch")),
-                                    ("advantage", advantage, ("gae", "sequence")),
+                                    ("advantage", advantage, ("gae", *CRITIC_FREE)),
+                                    ("kl_reference", kl_reference, ("init", "base")),
                                     ("length_sampling", length_sampling, ("batch", "prompt")),
                                     ("reward_prompt_field", reward_prompt_field, fields)):
             if value not in choices:
                 raise ValueError(f"{arg} must be one of {choices}, got {value!r}")
+        if advantage == "rloo" and (not isinstance(rloo_k, int) or rloo_k < 2):
+            raise ValueError(f"rloo_k must be an integer >= 2 with advantage 'rloo' (the baseline of a sample is the "
+                             f"mean of the OTHER samples of its prompt), got {rloo_k!r}")
         self.objective = MixtureReward(
             {r.name: r for r in rewards}, list(reward_weights), normalization=reward_normalization,
             mean=reward_mean, std=reward_std, name="total",
@@ -158,12 +178,16 @@ class TextPPOModule(L.LightningModule):
         self.policy = pol.attach_lora(
             base, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout, target_modules=hp.target_modules,
             init_adapter=hp.init_adapter, lora_init_seed=hp.lora_init_seed,
+            frozen_reference=hp.kl_reference == "init",  # "base" disables the adapter instead: no copy to load
         )
-        self.value_head = pol.make_value_head(base.config.hidden_size, hp.lora_init_seed)
+        # Critic-free advantages use no value estimate: a value head there would still be trained (vf_coef x its
+        # loss) and, reading the decoder's hidden states, push the LoRA with a loss the policy does not need.
+        self.value_head = (None if hp.advantage in CRITIC_FREE
+                           else pol.make_value_head(base.config.hidden_size, hp.lora_init_seed))
         self.policy.train()  # from_pretrained returns eval mode; rollouts switch to eval explicitly
 
     def configure_model(self) -> None:
-        # Under FSDP the policy and value head are wrapped here, not the whole module: see tasks/text/fsdp.py.
+        # Under FSDP the policy and value head (if any) are wrapped here, not the whole module: see tasks/text/fsdp.py.
         fsdp.shard_policy(self)
 
     def soup_state_dict(self) -> dict[str, Tensor]:
@@ -174,28 +198,7 @@ class TextPPOModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.hparams.lr)
 
-    # -- training -------------------------------------------------------------------------------------------
-
-    @property
-    def ppo_iteration(self) -> int:
-        """PPO iterations (training batches) done so far: 0 inside the first `training_step`, n after n of them
-        (in `on_train_batch_end`, `on_train_end`, and in a run resumed from a checkpoint taken there).
-        Lightning's `global_step` counts optimizer steps instead (ppo_epochs x mini-batches per iteration):
-        size runs with `limit_train_batches` and `max_epochs`."""
-        if self._trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
-
-    def _step_generator(self, salt: int) -> torch.Generator:
-        # Seeded by the iteration so a resumed run draws the same lengths and mini-batches as an uninterrupted one.
-        return torch.Generator().manual_seed(1_000_003 * self.ppo_iteration + salt)
-
-    def _lengths(self, batch_size: int) -> list[int]:
-        low, high = self.hparams.response_length
-        gen = self._step_generator(1)
-        if self.hparams.length_sampling == "batch":
-            return sample_lengths(low, high, 1, gen) * batch_size
-        return sample_lengths(low, high, batch_size, gen)
+    # -- rollouts and rewards (training: training.py) --------------------------------------------------------
 
     def rollout(self, batch: dict[str, Any], *, greedy: bool, lengths: list[int], ignore_eos: bool) -> Rollout:
         """Responses of the current policy (eval mode) to a batch of left-padded queries; see `rollout.generate`."""
@@ -218,103 +221,33 @@ class TextPPOModule(L.LightningModule):
             return texts
         return [(p or "") + t for p, t in zip(prefixes, texts)]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        hp = self.hparams
-        n = len(batch["prompts"])
-        clock = PhaseClock()
-        ro = self.rollout(batch, greedy=False, lengths=self._lengths(n), ignore_eos=hp.ignore_eos)
-        clock.lap("generate")
-        components = self.score(batch, ro.texts)
-        scores = self.objective.combine(components, update_stats=True).to(self.device)
-        clock.lap("score")
-        mask = ro.response_mask
-        with torch.no_grad():
-            self.policy.eval()
-            old = response_forward(self.policy, self.value_head, ro)
-            with pol.reference_policy(self.policy):
-                ref_logprobs = response_forward(self.policy, None, ro)["logprobs"]
-            self.policy.train()
-            beta = float(self.kl_ctl.value)  # logged as train/kl_coef: the coefficient THIS batch was penalised with
-            rewards, _ = rl.kl_penalized_rewards(scores, old["logprobs"], ref_logprobs, mask, beta)
-            advantages, returns = rl.gae(rewards, old["values"], mask, gamma=hp.gamma, lam=hp.lam)
-            if hp.whiten == "batch":
-                advantages = rl.masked_whiten(advantages, mask)
-            seq_kl = rl.sequence_kl(old["logprobs"], ref_logprobs, mask)
-            if hp.advantage == "sequence":  # already normalised over the batch: no further whitening
-                advantages = rl.sequence_advantages(scores, seq_kl, mask, beta)
-        clock.lap("reference")
-        stats = self._optimise(ro, old, advantages, returns)
-        clock.lap("optimise")
-
-        self.kl_ctl.update(float(self._all_mean(seq_kl.mean())), n * self.trainer.world_size)
-        self._log_train(components, scores, seq_kl, mask, stats, beta)
-        for phase, seconds in clock.laps.items():  # this rank's wall time: where an iteration's time goes
-            self.log(f"time/{phase}", seconds, on_step=True, on_epoch=False, batch_size=n)
-        self.last_iteration = {"texts": ro.texts, "rewards": components, "timings": clock.laps}
-
     def score(self, batch: dict[str, Any], texts: list[str]) -> dict[str, Tensor]:
         """Raw scores {name: [B]} of every reward for the decoded continuations `texts` of `batch`."""
         contexts = batch.get(self.hparams.reward_prompt_field) or batch["prompts"]
         return self.objective.score_components(list(contexts), self.reward_texts(batch, texts),
                                                batch.get("references"))
 
-    def _optimise(self, ro: Rollout, old: dict[str, Tensor], advantages: Tensor, returns: Tensor) -> dict:
-        """`ppo_epochs` passes of clipped PPO over shuffled mini-batches; returns the per-mini-batch stats."""
-        hp = self.hparams
-        opt, mask = self.optimizers(), ro.response_mask
-        stats: dict[str, list[Tensor]] = {}
-        gen = self._step_generator(2)
-        for idx in rl.minibatch_indices(len(mask), hp.mini_batch_size, generator=gen, epochs=hp.ppo_epochs):
-            mb = Rollout(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], mask[idx], [])
-            adv = advantages[idx]
-            if hp.whiten == "minibatch" and hp.advantage == "gae":  # TRL 0.4: whiten inside each mini-batch
-                adv = rl.masked_whiten(adv, mask[idx]) if int(mask[idx].sum()) > 1 else adv
-            new = response_forward(self.policy, self.value_head, mb, with_entropy=True)
-            loss, mb_stats = rl.ppo_loss(
-                new["logprobs"], old["logprobs"][idx], adv, new["values"], old["values"][idx], returns[idx],
-                mask[idx], clip_range=hp.cliprange, clip_range_value=hp.cliprange_value, vf_coef=hp.vf_coef,
-            )
-            mb_stats["entropy"] = rl.masked_mean(new["entropy"].detach(), mask[idx])
-            opt.zero_grad()
-            self.manual_backward(loss)
-            if hp.max_grad_norm is not None:
-                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
-            for key, value in mb_stats.items():
-                stats.setdefault(key, []).append(torch.as_tensor(value).detach().float())
-        return stats
-
-    def _all_mean(self, value: Tensor) -> Tensor:
-        """Mean over DDP ranks, so every rank updates the KL coefficient identically."""
-        return self.trainer.strategy.reduce(value.detach().to(self.device), reduce_op="mean")
-
-    def _log_train(self, components, scores, seq_kl, mask, stats, beta) -> None:
-        log = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=len(scores))
-        for name, values in components.items():
-            self.log(f"train/reward/{name}", values.mean().to(self.device), prog_bar=True, **log)
-        self.log("train/reward/total", scores.float().mean(), **log)
-        self.log("train/kl", seq_kl.mean(), prog_bar=True, **log)
-        self.log("train/kl_coef", torch.tensor(beta, device=self.device), **log)
-        self.log("train/response_length", mask.sum(1).float().mean(), **log)
-        for key, values in stats.items():
-            self.log(f"train/{key}", torch.stack(values).mean().to(self.device), **log)
-
     # -- evaluation -----------------------------------------------------------------------------------------
 
-    def _evaluate(self, batch: dict[str, Any], means: nn.ModuleDict, stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], means: nn.ModuleDict, stage: str) -> dict[str, dict[str, Tensor]]:
         n = len(batch["prompts"])
         ro = self.rollout(batch, greedy=True, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
         components = self.score(batch, ro.texts)
         total = self.objective.combine(components)
         for name, values in [*components.items(), ("total", total)]:
             means[name].update(values.to(self.device))
-            self.log(f"{stage}/reward/{name}", means[name], on_step=False, on_epoch=True, batch_size=n)
+            # `<stage>/reward/*` are the objectives a front scores; the weighted total is not one of them (it
+            # would be a duplicated axis of the hypervolume), so it is logged outside that prefix.
+            key = f"{stage}/reward_total" if name == "total" else f"{stage}/reward/{name}"
+            self.log(key, means[name], on_step=False, on_epoch=True, batch_size=n)
+        # Per-example scores of exactly the logged `<stage>/reward/*`, in batch order (rs_lightning.front.per_example).
+        return {"rewards": {name: values.detach().float().cpu() for name, values in components.items()}}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_means, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, dict[str, Tensor]]:
+        return self._evaluate(batch, self.val_means, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_means, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, dict[str, Tensor]]:
+        return self._evaluate(batch, self.test_means, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         n = len(batch["prompts"])
@@ -324,7 +257,7 @@ class TextPPOModule(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Keep what training changes (adapter, value head, reward statistics), not the frozen base model.
+        # Keep what training changes (adapter, value head if any, reward statistics), not the frozen base model.
         checkpoint["state_dict"] = pol.without_frozen(self, checkpoint["state_dict"])
         checkpoint["rs_kl_ctl"] = self.kl_ctl.state_dict()
         checkpoint["rs_rng"] = {"torch": torch.get_rng_state()}
@@ -335,7 +268,11 @@ class TextPPOModule(L.LightningModule):
         own = self.state_dict()
         unknown = [k for k in checkpoint["state_dict"] if k not in own]
         if unknown:
-            raise KeyError(f"checkpoint holds {len(unknown)} keys this module does not have, e.g. {unknown[:3]}")
+            hint = ""
+            if self.value_head is None and any(k.startswith("value_head.") for k in unknown):
+                hint = (f" (value_head.*: a run with a value head, but advantage={self.hparams.advantage!r} builds "
+                        "none; resume it with the advantage it was trained with)")
+            raise KeyError(f"checkpoint holds {len(unknown)} keys this module does not have, e.g. {unknown[:3]}{hint}")
         # The frozen base weights are not in the checkpoint: fill them from the freshly built module.
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
         if "rs_kl_ctl" in checkpoint:

@@ -1,13 +1,17 @@
-"""The text policy: a causal LM with a trainable LoRA, its frozen KL reference, and a scalar value head.
+"""The text policy: a causal LM with a trainable LoRA, its frozen KL reference, and (for GAE) a scalar value head.
 
 - Fresh LoRA: created under a fixed `lora_init_seed` (independent of the run's seed), so every expert and
   MORL run of an experiment starts from the SAME A and B at step 0. A soup of factors is only meaningful
-  from a shared theta_0.
-- Existing adapter (the paper starts PPO from an SFT LoRA, Alpaca-LoRA): it is loaded twice, once as the
-  trainable "default" adapter and once, frozen, as the "reference" adapter. The KL reference is therefore
-  the SFT policy, not the bare base model, and it costs no second copy of the base weights.
-- Fresh LoRA: the reference is the base model itself, reached by disabling the adapter.
-- Value head: a linear layer on the last hidden state, initialised under the same fixed seed.
+  from a shared theta_0. Its KL reference is the base model itself, reached by disabling the adapter.
+- Existing adapter (the paper starts PPO from an SFT LoRA, Alpaca-LoRA), KL reference `kl_reference`:
+  "init" (our default): the adapter is loaded twice, once as the trainable "default" adapter and once, frozen,
+  as the "reference" adapter, so the KL is measured to the SFT policy (no second copy of the base weights);
+  "base": loaded once, and the reference is the base model with the adapter disabled. "base" is what the paper
+  ran: TRL 0.4's PPOTrainer.step computes a PEFT policy's reference log-probs under
+  `pretrained_model.disable_adapter()` (huggingface/trl trl/trainer/ppo_trainer.py) and leaves the `ref_model`
+  it is given unused, so the reference was the base LLaMA, not Alpaca-LoRA.
+- Value head: a linear layer on the last hidden state, initialised under the same fixed seed; only the "gae"
+  advantage builds one (the critic-free "sequence" and "rloo" have none).
 """
 
 from __future__ import annotations
@@ -41,15 +45,18 @@ def attach_lora(
     target_modules: Sequence[str],
     init_adapter: str | None,
     lora_init_seed: int,
+    frozen_reference: bool = True,
 ) -> nn.Module:
-    """Wrap `base` in a PeftModel: a fresh seeded LoRA, or `init_adapter` trainable plus a frozen copy."""
+    """Wrap `base` in a PeftModel: a fresh seeded LoRA, or `init_adapter` trainable (plus a frozen copy of it as
+    the KL reference when `frozen_reference`; without it the reference is the base model)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if init_adapter is not None:
         model = PeftModel.from_pretrained(base, init_adapter, adapter_name="default", is_trainable=True)
-        model.load_adapter(init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        model.set_adapter("default")
-        freeze_reference(model)
+        if frozen_reference:
+            model.load_adapter(init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.set_adapter("default")
+            freeze_reference(model)
         return model
     fan_in_fan_out = getattr(base.config, "model_type", "") == "gpt2"  # GPT-2 uses Conv1D layers
     config = LoraConfig(
@@ -80,10 +87,14 @@ def make_value_head(hidden_size: int, seed: int) -> ValueHead:
 
 
 @contextlib.contextmanager
-def reference_policy(model: nn.Module) -> Iterator[None]:
-    """Inside this block `model` computes the KL reference: the frozen SFT adapter, or the bare base model."""
+def reference_policy(model: nn.Module, kind: str = "init") -> Iterator[None]:
+    """Inside this block `model` computes the KL reference: with kind "init", the frozen copy of the initial adapter
+    when there is one (else the base model: a fresh LoRA starts as the base model); with kind "base", the base
+    model (every adapter disabled)."""
+    if kind not in ("init", "base"):
+        raise ValueError(f"kl_reference must be 'init' or 'base', got {kind!r}")
     adapters = getattr(model, "peft_config", {})
-    if REFERENCE_ADAPTER in adapters:
+    if kind == "init" and REFERENCE_ADAPTER in adapters:
         # inference_mode: switching adapters must not make the reference trainable, even for a moment.
         model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
         try:

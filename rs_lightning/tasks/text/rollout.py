@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,20 @@ class Rollout:
     response_ids: Tensor
     response_mask: Tensor
     texts: list[str]
+
+
+def repeat_rows(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    """A collated prompt batch with each row k times in a row (rows p*k ... p*k + k - 1 are prompt p, the layout
+    `rl.rloo_advantages` expects): tensors repeat along dim 0, per-row lists element by element."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            out[key] = value.repeat_interleave(k, dim=0)
+        elif isinstance(value, (list, tuple)):
+            out[key] = [item for item in value for _ in range(k)]
+        else:
+            out[key] = value
+    return out
 
 
 def sample_lengths(low: int, high: int, n: int, generator: torch.Generator) -> list[int]:

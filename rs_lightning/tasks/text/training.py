@@ -1,0 +1,137 @@
+"""One PPO iteration of `TextPPOModule` (its `training_step`), as a mixin: rollout, scores, reference, advantages,
+clipped updates, KL controller, logging. The module (module.py) holds the policy, the rewards and the evaluation.
+
+Advantage estimators (`advantage`): "gae", the paper's (per-token KL-shaped rewards, GAE over a learned value
+head, TRL 0.4's mini-batch whitening); the critic-free "sequence" (rl/sequence.py: a batch baseline) and "rloo"
+(rl/rloo.py: `rloo_k` samples per prompt, leave-one-out baseline), which train the clipped policy loss alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rs_lightning import rl
+from rs_lightning.tasks.text import policy as pol
+from rs_lightning.tasks.text.rollout import PhaseClock, Rollout, repeat_rows, response_forward, sample_lengths
+
+
+class PPOIteration:
+    """Mixin for a LightningModule with `policy`, `value_head` (None for critic-free advantages), `objective`,
+    `kl_ctl`, `rollout()` and `score()`, and the hyperparameters of `TextPPOModule`."""
+
+    @property
+    def ppo_iteration(self) -> int:
+        """PPO iterations (training batches) done so far: 0 inside the first `training_step`, n after n of them
+        (in `on_train_batch_end`, `on_train_end`, and in a run resumed from a checkpoint taken there).
+        Lightning's `global_step` counts optimizer steps instead (ppo_epochs x mini-batches per iteration):
+        size runs with `limit_train_batches` and `max_epochs`."""
+        if self._trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def _step_generator(self, salt: int) -> torch.Generator:
+        # Seeded by the iteration so a resumed run draws the same lengths and mini-batches as an uninterrupted one.
+        return torch.Generator().manual_seed(1_000_003 * self.ppo_iteration + salt)
+
+    def _lengths(self, batch_size: int) -> list[int]:
+        low, high = self.hparams.response_length
+        gen = self._step_generator(1)
+        if self.hparams.length_sampling == "batch":
+            return sample_lengths(low, high, 1, gen) * batch_size
+        return sample_lengths(low, high, batch_size, gen)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        lengths = self._lengths(len(batch["prompts"]))
+        if hp.advantage == "rloo":
+            # The k samples per prompt are made here, not by the data module: the data order, its resumable state
+            # and DDP's per-rank split keep counting prompts. A prompt's k samples share its length draw.
+            k = hp.rloo_k
+            batch, lengths = repeat_rows(batch, k), [length for length in lengths for _ in range(k)]
+        n = len(batch["prompts"])  # responses in this iteration
+        clock = PhaseClock()
+        ro = self.rollout(batch, greedy=False, lengths=lengths, ignore_eos=hp.ignore_eos)
+        clock.lap("generate")
+        components = self.score(batch, ro.texts)
+        scores = self.objective.combine(components, update_stats=True).to(self.device)
+        clock.lap("score")
+        mask = ro.response_mask
+        with torch.no_grad():
+            self.policy.eval()
+            old = response_forward(self.policy, self.value_head, ro)
+            with pol.reference_policy(self.policy, hp.kl_reference):
+                ref_logprobs = response_forward(self.policy, None, ro)["logprobs"]
+            self.policy.train()
+            beta = float(self.kl_ctl.value)  # logged as train/kl_coef: the coefficient THIS batch was penalised with
+            seq_kl = rl.sequence_kl(old["logprobs"], ref_logprobs, mask)
+            advantages, returns = self._advantages(scores, old, ref_logprobs, seq_kl, mask, beta)
+        clock.lap("reference")
+        stats = self._optimise(ro, old, advantages, returns)
+        clock.lap("optimise")
+
+        self.kl_ctl.update(float(self._all_mean(seq_kl.mean())), n * self.trainer.world_size)
+        self._log_train(components, scores, seq_kl, mask, stats, beta)
+        for phase, seconds in clock.laps.items():  # this rank's wall time: where an iteration's time goes
+            self.log(f"time/{phase}", seconds, on_step=True, on_epoch=False, batch_size=n)
+        self.last_iteration = {"texts": ro.texts, "rewards": components, "timings": clock.laps}
+
+    def _advantages(self, scores, old, ref_logprobs, seq_kl, mask, beta) -> tuple[Tensor, Tensor | None]:
+        """(advantages [B, T], GAE returns [B, T] or None for the critic-free estimators)."""
+        hp = self.hparams
+        # The critic-free advantages are already centred per batch / per prompt: no whitening on top.
+        if hp.advantage == "sequence":
+            return rl.sequence_advantages(scores, seq_kl, mask, beta), None
+        if hp.advantage == "rloo":
+            return rl.rloo_advantages(scores, seq_kl, mask, beta, hp.rloo_k), None
+        rewards, _ = rl.kl_penalized_rewards(scores, old["logprobs"], ref_logprobs, mask, beta)
+        advantages, returns = rl.gae(rewards, old["values"], mask, gamma=hp.gamma, lam=hp.lam)
+        if hp.whiten == "batch":
+            advantages = rl.masked_whiten(advantages, mask)
+        return advantages, returns
+
+    def _optimise(self, ro: Rollout, old: dict[str, Tensor], advantages: Tensor, returns: Tensor | None) -> dict:
+        """`ppo_epochs` passes of clipped PPO over shuffled mini-batches; returns the per-mini-batch stats."""
+        hp = self.hparams
+        opt, mask = self.optimizers(), ro.response_mask
+        stats: dict[str, list[Tensor]] = {}
+        gen = self._step_generator(2)
+        for idx in rl.minibatch_indices(len(mask), hp.mini_batch_size, generator=gen, epochs=hp.ppo_epochs):
+            mb = Rollout(ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx], mask[idx], [])
+            adv = advantages[idx]
+            if hp.whiten == "minibatch" and hp.advantage == "gae":  # TRL 0.4: whiten inside each mini-batch
+                adv = rl.masked_whiten(adv, mask[idx]) if int(mask[idx].sum()) > 1 else adv
+            new = response_forward(self.policy, self.value_head, mb, with_entropy=True)
+            if self.value_head is None:  # critic-free: the clipped policy loss alone
+                loss, mb_stats = rl.ppo_policy_loss(new["logprobs"], old["logprobs"][idx], adv, mask[idx], hp.cliprange)
+            else:
+                loss, mb_stats = rl.ppo_loss(
+                    new["logprobs"], old["logprobs"][idx], adv, new["values"], old["values"][idx], returns[idx],
+                    mask[idx], clip_range=hp.cliprange, clip_range_value=hp.cliprange_value, vf_coef=hp.vf_coef,
+                )
+            mb_stats["entropy"] = rl.masked_mean(new["entropy"].detach(), mask[idx])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            if hp.max_grad_norm is not None:
+                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            opt.step()
+            for key, value in mb_stats.items():
+                stats.setdefault(key, []).append(torch.as_tensor(value).detach().float())
+        return stats
+
+    def _all_mean(self, value: Tensor) -> Tensor:
+        """Mean over DDP ranks, so every rank updates the KL coefficient identically."""
+        return self.trainer.strategy.reduce(value.detach().to(self.device), reduce_op="mean")
+
+    def _log_train(self, components, scores, seq_kl, mask, stats, beta) -> None:
+        log = dict(on_step=True, on_epoch=False, sync_dist=True, batch_size=len(scores))
+        for name, values in components.items():
+            self.log(f"train/reward/{name}", values.mean().to(self.device), prog_bar=True, **log)
+        self.log("train/reward/total", scores.float().mean(), **log)
+        self.log("train/kl", seq_kl.mean(), prog_bar=True, **log)
+        self.log("train/kl_coef", torch.tensor(beta, device=self.device), **log)
+        self.log("train/response_length", mask.sum(1).float().mean(), **log)
+        for key, values in stats.items():
+            self.log(f"train/{key}", torch.stack(values).mean().to(self.device), **log)
