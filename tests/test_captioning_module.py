@@ -79,14 +79,31 @@ def _scores(module, metric):
     return caption.score(metric, [r["caption"] for r in rows], [r["references"] for r in rows])
 
 
+class _Returned(L.Callback):
+    """The per-example rewards `test_step` returns (the contract `rs front` reads), in batch order."""
+
+    def __init__(self):
+        self.rewards: dict[str, list[float]] = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        for name, values in outputs["rewards"].items():
+            assert values.shape == (len(batch["ids"]),)
+            self.rewards.setdefault(name, []).extend(values.tolist())
+
+
 def test_logged_test_metrics_equal_caption_scores(xe_init):
     module = CaptioningModule(stage="scst", rewards=["bleu1"], init_checkpoint=str(xe_init), **FAST)
-    logged = _test(module, _data())
+    returned = _Returned()
+    logged = {k: float(v) for k, v in
+              _trainer(callbacks=[returned]).test(module, _data(eval_batch_size=16), verbose=False)[0].items()}
     rows = module.test_captions
     assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
+    assert set(returned.rewards) == {k.removeprefix("test/reward/") for k in logged if k.startswith("test/reward/")}
     for metric in ("bleu1", "bleu4", "rouge_l"):
         values = _scores(module, metric)
         assert logged[f"test/reward/{metric}"] == pytest.approx(sum(values) / len(values), abs=1e-6)
+        assert returned.rewards[metric] == pytest.approx(values, abs=1e-6)  # per caption, in caption order
+    assert sum(returned.rewards["cider_d"]) / 40 == pytest.approx(logged["test/reward/cider_d"], abs=1e-5)
     # CIDEr-D with df over the test split's references is the corpus CIDEr-D of pycocoevalcap
     corpus = caption.evaluate_corpus([r["caption"] for r in rows], [r["references"] for r in rows], ["cider_d"],
                                      tokenizer="fast")

@@ -55,7 +55,39 @@ def test_front_sweep_select_and_report(toy, capsys):
     assert picked["lambda_star"] == pytest.approx([0.3, 0.7])  # symmetric Hessians: lam* = mu here
     assert load_file("soup/model.safetensors")["theta"].tolist() == pytest.approx([0.3, 0.7])
 
+    assert picked["split"] == "val"  # the default: the sweep validated (front.validate defaults to true)
+
+    # `report` re-derives summary.json from the rows alone, intervals included.
+    (out / "summary.json").unlink()
     assert cli.main(["front", "report", str(out)]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["uncertainty"]["n_examples"] == 8 and again["uncertainty"]["n_boot"] == 1000
+    assert set(again["verdicts"]) == {"rs_vs_morl", "lmc", "experts"}
+    assert again["selection"]["split"] == "val"
+
+
+def test_selection_on_test_rows_only_when_asked_and_labelled(toy, capsys):
+    from rs_lightning.front.select import TEST_NOTE
+
+    out = Path("runs/front/quadratic")
+    # No validation rows but selection on them (the default): refused before any point runs.
+    assert cli.main(["front", "--config", str(toy), "--no-progress", "--front.validate", "false"]) == 2
+    assert "front.summary.select_on: test" in capsys.readouterr().err
+    assert not (out / "front.jsonl").exists()
+    assert cli.main(["front", "--config", str(toy), "--no-progress", "--front.validate", "false",
+                     "--front.summary.select_on", "test"]) == 0
+    assert f"lam*: {TEST_NOTE}" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selection"]["split"] == "test"
+    assert summary["selection"]["note"] == "selected on TEST rows (asked for explicitly): optimistic"
+
+    assert cli.main(["front", "select", "--preference", "0.3", "0.7", str(out)]) == 2  # --split val by default
+    assert "no val_rewards" in (err := capsys.readouterr().err) and "--split test" in err
+    assert cli.main(["front", "select", "--preference", "0.3", "0.7", str(out), "--split", "test"]) == 0
+    printed = capsys.readouterr()
+    picked = json.loads(printed.out)
+    assert picked["split"] == "test" and picked["note"] == TEST_NOTE and TEST_NOTE in printed.err
+    assert picked["lambda_star"] == pytest.approx([0.3, 0.7])
 
 
 def test_front_errors_are_clear(toy, capsys):

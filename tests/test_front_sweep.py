@@ -280,7 +280,7 @@ def test_lora_adapter_folders_are_souped_in_place_through_the_peft_hook(tmp_path
     data = QuadraticData(n_samples=2, batch_size=2)
     data.test_dataloader = lambda: torch.utils.data.DataLoader(torch.zeros(2, 4, dtype=torch.long), batch_size=2)
     rows = run_sweep(task, data, [Checkpoint(str(f)) for f in folders], [[0.25, 0.75]], tmp_path / "run",
-                     progress=False)
+                     progress=False, validate=False)  # the task has no validation_step
     assert len(rows) == 3 and all(r["valid"] for r in rows)
     from safetensors.torch import load_file
 

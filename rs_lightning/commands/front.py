@@ -1,7 +1,7 @@
 """`rs front`: sweep soup weights and score the front; `rs front select` picks lam* for a preference.
 
     rs front --config configs/front/quadratic.yaml [--front.grid.points 21 ...] [--overwrite]
-    rs front select --preference 0.3 0.7 RUN_DIR [--write-soup OUT]
+    rs front select --preference 0.3 0.7 RUN_DIR [--split val|test] [--write-soup OUT]
     rs front report RUN_DIR
 
 The sweep itself is `rs_lightning.front.sweep.run_sweep`; this module parses, builds and reports.
@@ -16,7 +16,9 @@ from pathlib import Path
 
 SELECT_DESCRIPTION = """\
 Pick the soup weights lam* that maximise sum_k mu_k R_k over the points of a finished sweep (the paper's
-a-posteriori selection: validation rows when the sweep ran with front.validate, else test rows).
+a-posteriori selection), on the validation rows (--split val, the default; the sweep ran with front.validate).
+--split test selects on the test rows instead, and says so: lam* picked and scored on the same examples is
+optimistic.
 
 MU is one number per reward, in the order of summary.json's `rewards` (normalised to sum 1). lam* is
 printed aligned with the run's experts (theta = sum_i lam_i theta_i; two experts: lam = the weight of the
@@ -89,6 +91,10 @@ def run_from_config(parser, cfg):
         settings.check()
     except ValueError as err:
         raise FrontError(f"front.summary: {err}") from err
+    if not front.validate and settings.select_on == "val":
+        raise FrontError("front.validate is false, so the sweep has no validation rows, but lam* is selected on them "
+                         "(front.summary.select_on: val, the default): set front.validate: true, or ask for "
+                         "selection on the test rows explicitly with front.summary.select_on: test (optimistic)")
     out_dir = Path(front.out_dir)
     meta = {"summary_settings": plain(settings), "grid": grid}
     rows = run_sweep(
@@ -121,6 +127,20 @@ def describe(summary: dict, out_dir: Path) -> str:
     if lmc:
         lines.append("LMC gap min/mean: " + ", ".join(
             f"{n} {v['min']:+.4g}/{v['mean']:+.4g}" for n, v in lmc.items() if v["min"] is not None))
+    unc = summary.get("uncertainty") or {}
+    if unc.get("hypervolume"):
+        pct = f"{unc['level'] * 100:g} %"
+        lines.append(f"hypervolume {pct} intervals (paired bootstrap, {unc['n_boot']} draws, {unc['n_examples']} "
+                     "test examples): " + ", ".join(f"{g} {v['value']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+                                                     for g, v in unc["hypervolume"].items()))
+        verdicts = summary.get("verdicts") or {}
+        if verdicts.get("rs_vs_morl"):
+            lines.append(f"RS vs MORL hypervolume: {verdicts['rs_vs_morl']}")
+    elif unc.get("skipped"):
+        lines.append(f"intervals: none ({unc['skipped']})")
+    selection = summary.get("selection") or {}
+    if selection.get("split") == "test":
+        lines.append(f"lam*: {selection['note']}")
     if summary.get("invalid_points"):
         bad = ", ".join(
             f"{p['kind']} {p['name']} ({'/'.join(p['invalid_rewards'])})" for p in summary["invalid_points"]
@@ -176,8 +196,8 @@ def select_main(argv: list[str]) -> int:
     # Strings, not floats: `--preference 0.3 0.7 RUN_DIR` must not swallow RUN_DIR (split below).
     p.add_argument("--preference", "--mu", nargs="+", required=True, metavar="MU",
                    help="one weight per reward (order: summary.json rewards)")
-    p.add_argument("--split", choices=("auto", "val", "test"), default="auto",
-                   help="rows to select on (auto: validation rows when the sweep has them)")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="rows to select on: val (default) or test (asked for explicitly: optimistic)")
     p.add_argument("--write-soup", type=Path, metavar="OUT", help="write the soup lam* with `rs soup` to OUT")
     p.add_argument("--overwrite", action="store_true", help="with --write-soup: replace an existing OUT")
     try:
@@ -196,6 +216,8 @@ def select_main(argv: list[str]) -> int:
         result = select_from_rows(rows, info, args.preference, args.split)
     except (FrontError, ValueError) as err:
         return _error(err)
+    if result["split"] == "test":
+        print(f"rs front select: {result['note']}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     if args.write_soup is None:
         return 0
@@ -212,30 +234,26 @@ def _split_numbers(values: list[str]) -> tuple[list[float], list[str]]:
     return numbers, rest
 
 
-def select_from_rows(rows, info: dict, mu, split: str = "auto") -> dict:
+def select_from_rows(rows, info: dict, mu, split: str = "val") -> dict:
     """lam* for one preference over a run's soup and expert rows, with lam = mu and MORL for comparison."""
     import numpy as np
 
     from rs_lightning.front.errors import FrontError
     from rs_lightning.front.rows import reward_matrix, reward_names
-    from rs_lightning.front.select import preference_report
+    from rs_lightning.front.select import TEST_NOTE, VAL_NOTE, preference_report, split_field
 
     names = _settings(info).rewards or reward_names(rows)
     if len(mu) != len(names):
         raise FrontError(f"--preference has {len(mu)} values for {len(names)} rewards {names}: give one per reward")
     cands = [r for r in rows if r["kind"] in ("soup", "expert")]
-    if split == "auto":
-        split = "val" if cands and all(r.get("val_rewards") for r in cands) else "test"
-    field = "val_rewards" if split == "val" else "rewards"
-    if split == "val" and not all(r.get("val_rewards") for r in cands):
-        raise FrontError("this sweep has no validation rows: re-run it with front.validate: true, or --split test")
+    field = split_field(cands, split, how_to_test="--split test")
     w = [r["weights"] for r in cands]
     r = reward_matrix(cands, names, field)
     morl = [(m["mu"], reward_matrix([m], names, field)[0]) for m in rows if m["kind"] == "morl" and m.get("mu")]
     entry = preference_report(w, r, [mu], morl=morl)[0]
     best = cands[int(np.argmin(np.abs(np.asarray(w) - np.asarray(entry["lambda_star"])).sum(axis=1)))]
-    return {"rewards": names, "split": split, **entry, "name": best["name"], "rewards_at_lambda_star": best[field],
-            "test_rewards_at_lambda_star": best["rewards"],
+    return {"rewards": names, "split": split, "note": VAL_NOTE if split == "val" else TEST_NOTE, **entry,
+            "name": best["name"], "rewards_at_lambda_star": best[field], "test_rewards_at_lambda_star": best["rewards"],
             "experts": [e.get("path") for e in info.get("experts", [])]}
 
 

@@ -2,7 +2,8 @@
 
 Library: `pareto_mask`, `hypervolume` (exact), `igd_plus`, `spacing`, `Normalisation` (metrics.py);
 `lmc_gaps` (lmc.py); `build_grid`/`GridSpec` (grids.py); `select_lambda`/`preference_report` (select.py);
-`run_sweep` (sweep.py, imports Lightning lazily); `build_summary`/`write_outputs` (summary.py).
+`run_sweep` (sweep.py, imports Lightning lazily; per-example rewards via per_example.py);
+`build_summary`/`write_outputs` (summary.py), with paired-bootstrap intervals and `verdict` (uncertainty.py).
 Weight convention: weights aligned with the experts, theta = sum_i w_i theta_i; two experts: lam = w_2.
 """
 
@@ -22,9 +23,11 @@ from rs_lightning.front.metrics import (
 from rs_lightning.front.select import Selection, preference_report, select_lambda
 from rs_lightning.front.summary import SummarySettings, build_summary, write_outputs
 from rs_lightning.front.sweep import run_sweep
+from rs_lightning.front.uncertainty import verdict
 
 __all__ = [
     "Checkpoint", "FrontError", "GridSpec", "Normalisation", "Selection", "SummarySettings", "build_grid",
     "build_summary", "expected_utility", "hypervolume", "igd_plus", "lattice_grid", "lmc_gaps", "pareto_mask",
-    "preference_report", "run_sweep", "select_lambda", "sparsity", "spacing", "summarise_gaps", "write_outputs",
+    "preference_report", "run_sweep", "select_lambda", "sparsity", "spacing", "summarise_gaps", "verdict",
+    "write_outputs",
 ]

@@ -11,7 +11,9 @@
       grid: {kind: auto, points: 11, low: 0.0, high: 1.0, m: 10}
       allow_extrapolation: false
       out_dir: runs/front/NAME
-      summary: {rewards: [r1, r2], ideal: [...], nadir: [...], preferences: [[0.5, 0.5]]}
+      validate: true                                 # default: also trainer.validate, the rows lam* is picked on
+      summary: {rewards: [r1, r2], ideal: [...], nadir: [...], preferences: [[0.5, 0.5]],
+                nadir_from: config, select_on: val, n_boot: 1000, level: 0.95, boot_seed: 0}
 
 Anything can be overridden on the command line (`--front.grid.points 21`, `--model.init_args.lr 0.1`).
 The same file can therefore reuse a training config of the task. The sweep forces the Trainer quiet
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from rs_lightning.front.checkpoints import Checkpoint, fingerprint
 from rs_lightning.front.grids import GridSpec
 from rs_lightning.front.rows import stable_hash
-from rs_lightning.front.summary import SummarySettings
+from rs_lightning.front.settings import SummarySettings
 
 # Trainer arguments that change nothing in a row's values: left out of the config hash.
 COSMETIC_TRAINER_KEYS = ("callbacks", "logger", "enable_progress_bar", "enable_model_summary",
@@ -47,13 +49,16 @@ lam theta_2 (lam = 0 is expert 1). One-hot weights reproduce an expert bit for b
 (the paper's lam in [-0.5, 1.5] ablation) need front.allow_extrapolation: true.
 
 Each point is souped in place into one loaded module (no save/reload) and evaluated with trainer.test;
-every logged test/reward/<name> becomes a row of OUT/front.jsonl, written as each point finishes. Re-running
-the same command resumes (points on disk are skipped). Outputs beside it: summary.json (hypervolume of
-RS / experts / MORL with the normalisation and reference point, IGD+, spacing, LMC gaps, lam* per
-preference), front.png (two rewards) or radar.png (three or more), run.json, config.yaml.
+every logged test/reward/<name> becomes a row of OUT/front.jsonl, written as each point finishes (with the
+per-example rewards the task's test_step returns); trainer.validate runs too (front.validate, default true)
+and lam* is selected on those validation rows. Re-running the same command resumes (points on disk are
+skipped). Outputs beside it: summary.json (hypervolume of RS / experts / MORL / init with the normalisation
+and reference point, IGD+, spacing, LMC gaps, lam* per preference, paired-bootstrap intervals and verdicts),
+front.png (two rewards, with error bars) or radar.png (three or more), run.json, config.yaml.
 
 Other forms:
-  rs front select --preference MU1 MU2 ... RUN_DIR [--write-soup OUT]   lam* for a preference (and its soup)
+  rs front select --preference MU1 MU2 ... RUN_DIR [--split val|test] [--write-soup OUT]
+                                                                        lam* for a preference (and its soup)
   rs front report RUN_DIR                                               redo summary.json and the plots
 """
 
@@ -79,7 +84,8 @@ class FrontSpec:
         grid: the weight grid (see grids.GridSpec).
         allow_extrapolation: accept negative weights (they must still sum to 1).
         out_dir: run folder.
-        validate: also run trainer.validate per point; lam* is then selected on the validation rows.
+        validate: also run trainer.validate per point (default); lam* is selected on the validation rows.
+            With false, summary.select_on must be "test" (an explicit, optimistic choice).
         target_prefix: the module's state_dict keys under this prefix receive the soup (prefix stripped).
         cache_checkpoints: keep the checkpoints in memory for the sweep (False: re-read at each point).
         summary: how the front is scored.
@@ -91,7 +97,7 @@ class FrontSpec:
     grid: GridSpec = field(default_factory=GridSpec)
     allow_extrapolation: bool = False
     out_dir: str = "runs/front"
-    validate: bool = False
+    validate: bool = True
     target_prefix: str | None = None
     cache_checkpoints: bool = True
     summary: SummarySettings = field(default_factory=SummarySettings)

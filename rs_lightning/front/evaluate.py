@@ -1,8 +1,9 @@
 """One quiet evaluation per sweep point: `trainer.test` (or `validate`) and the logged rewards it returns.
 
 Lightning prints tables, banners and data-loader advice on every call; a sweep calls it once per point,
-so these helpers silence that (the sweep shows one tqdm bar instead), count the evaluated samples, and
-refuse a call that did not finish (an interrupted test must never become a row).
+so these helpers silence that (the sweep shows one tqdm bar instead), count the evaluated samples, pass on
+the per-example rewards the evaluation steps returned (per_example.py), and refuse a call that did not
+finish (an interrupted test must never become a row).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from typing import NamedTuple
 
 from rs_lightning.front.errors import FrontError
 
@@ -71,15 +73,26 @@ def quiet_lightning():
                 lg.setLevel(lvl)
 
 
-def evaluate(trainer, module, datamodule, stage: str, counter) -> tuple[dict[str, float], int | None]:
-    """Run `trainer.test` (stage "test") or `trainer.validate`; return ({reward name: value}, samples).
+class Evaluation(NamedTuple):
+    """What one `trainer.test` / `trainer.validate` gave: logged rewards, sample count, per-example rewards."""
+
+    rewards: dict[str, float]
+    samples: int | None
+    per_example: dict[str, list[float | None]]
+
+
+def evaluate(trainer, module, datamodule, stage: str, counter, collector=None) -> Evaluation:
+    """Run `trainer.test` (stage "test") or `trainer.validate`; return its `Evaluation`.
 
     Every logged `test/reward/<name>` (`val/reward/<name>`) is a reward; with several dataloaders the
-    name keeps Lightning's "/dataloader_idx_<k>" suffix.
+    name keeps Lightning's "/dataloader_idx_<k>" suffix. `collector` (per_example.collector_callback,
+    already attached to the trainer) supplies the per-example rewards the evaluation steps returned.
     """
     from lightning.pytorch.trainer.states import TrainerStatus
 
     counter.n = 0
+    if collector is not None:
+        collector.reset()
     run = trainer.test if stage == "test" else trainer.validate
     results = run(module, datamodule=datamodule, verbose=False)
     if trainer.state.status != TrainerStatus.FINISHED or trainer.interrupted:
@@ -92,4 +105,5 @@ def evaluate(trainer, module, datamodule, stage: str, counter) -> tuple[dict[str
                 name = key[len(prefix) :]
                 # A metric logged with on_step=True as well comes back as "<name>_epoch".
                 rewards[name.removesuffix("_epoch")] = float(value)
-    return rewards, (counter.n or None)
+    per_example = collector.values() if collector is not None else {}
+    return Evaluation(rewards, counter.n or None, per_example)

@@ -4,7 +4,8 @@ front.png (raw reward units): the RS curve through the experts and soups, each p
 (two experts) or weights; the chord (straight line, or polygon for N experts) between the experts, which
 the RS curve should lie above (LMC); MORL points labelled by mu; the init. radar.png: each reward
 normalised to [0, 1] by the summary's normalisation; the soup nearest to uniform weights, each expert,
-the MORL run nearest to uniform mu, and the init.
+the MORL run nearest to uniform mu, and the init. When the summary has bootstrap intervals
+(summary["uncertainty"]["points"]), every point carries them as error bars (both plots).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from rs_lightning.front.grids import on_simplex
 from rs_lightning.front.metrics import Normalisation
 from rs_lightning.front.rows import reward_matrix
+from rs_lightning.front.uncertainty import point_labels
 
 FRONT_PNG = "front.png"
 RADAR_PNG = "radar.png"
@@ -56,6 +58,31 @@ def plot_all(out_dir: Path, rows: Sequence[dict], summary: dict) -> list[Path]:
 def _experts(rows, kind, ok) -> list[int]:
     """Valid expert rows in expert order (the index of their one-hot weight)."""
     return sorted(np.where((kind == "expert") & ok)[0].tolist(), key=lambda i: int(np.argmax(rows[i]["weights"])))
+
+
+def _intervals(rows, summary, names, ok) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{row index: (low, high) per reward} from summary["uncertainty"]["points"]; {} without intervals."""
+    points = (summary.get("uncertainty") or {}).get("points") or {}
+    index = np.where(ok)[0].tolist()
+    out = {}
+    for i, label in zip(index, point_labels(rows, index)):
+        if label in points and all(n in points[label] for n in names):
+            out[i] = (np.asarray([points[label][n]["low"] for n in names]),
+                      np.asarray([points[label][n]["high"] for n in names]))
+    return out
+
+
+def _error_bars(ax, vals, intervals, idx, color) -> None:
+    idx = [i for i in idx if i in intervals]
+    if not idx:
+        return
+    v = vals[idx]
+    lo = np.stack([intervals[i][0] for i in idx])
+    hi = np.stack([intervals[i][1] for i in idx])
+    # Bars around the plotted (logged) value; clipped at 0 in case the logged mean sits a rounding off the interval.
+    err = [np.clip(np.stack([v[:, k] - lo[:, k], hi[:, k] - v[:, k]]), 0.0, None) for k in range(2)]
+    ax.errorbar(v[:, 0], v[:, 1], xerr=err[0], yerr=err[1], fmt="none", ecolor=color, elinewidth=0.8, capsize=2,
+                alpha=0.7, zorder=3)
 
 
 def plot_front_2d(path: Path, rows: Sequence[dict], summary: dict) -> Path:
@@ -100,14 +127,23 @@ def plot_front_2d(path: Path, rows: Sequence[dict], summary: dict) -> Path:
             ax.annotate(label, vals[i], textcoords="offset points", xytext=(6, 4), fontsize=7, color="C2")
     for i in np.where((kind == "init") & ok)[0]:
         ax.plot(*vals[i], "*", c="k", ms=12, label="init θ0", zorder=5)
+    intervals = _intervals(rows, summary, names, ok)
+    for kinds, color in ((("expert", "soup"), "C0"), (("morl",), "C2"), (("init",), "k")):
+        _error_bars(ax, vals, intervals, np.where(np.isin(kind, kinds) & ok)[0].tolist(), color)
     hv = summary.get("hypervolume", {})
-    parts = [f"{g} {hv[g]:.3f}" for g in ("rs", "experts", "morl") if hv.get(g) is not None]
-    ax.set_title("Rewarded soups front" + (f"\nhypervolume (normalised): {', '.join(parts)}" if parts else ""),
-                 fontsize=10)
+    unc = summary.get("uncertainty") or {}
+    hv_iv = unc.get("hypervolume") or {}
+    parts = [f"{g} {hv[g]:.3f}" + (f" [{hv_iv[g]['low']:.3f}, {hv_iv[g]['high']:.3f}]" if g in hv_iv else "")
+             for g in ("rs", "experts", "morl") if hv.get(g) is not None]
+    title = "Rewarded soups front" + (f"\nhypervolume (normalised): {', '.join(parts)}" if parts else "")
+    if intervals:
+        title += (f"\nerror bars: {unc['level'] * 100:g} % paired-bootstrap intervals over {unc['n_examples']} "
+                  "test examples")
+    ax.set_title(title, fontsize=9 if intervals else 10)
     ax.set_xlabel(f"{names[0]} (higher is better)")
     ax.set_ylabel(f"{names[1]} (higher is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")  # the init usually sits lower left: let the legend move off it
     try:
         return _save(fig, path)
     finally:
@@ -148,12 +184,21 @@ def plot_radar(path: Path, rows: Sequence[dict], summary: dict) -> Path:
         lines.append(("init θ0", i, dict(c="k", lw=1.0, ls=":")))
     angles = np.linspace(0, 2 * np.pi, k, endpoint=False).tolist()
     fig, ax = plt.subplots(figsize=(6.0, 6.0), subplot_kw={"polar": True})
+    intervals = _intervals(rows, summary, names, ok)
     for label, i, style in lines:
         v = vals[i].tolist()
         ax.plot(angles + angles[:1], v + v[:1], label=label, **style)
+        if i in intervals:
+            lo, hi = norm.apply(np.stack(intervals[i]))
+            err = np.clip(np.stack([vals[i] - lo, hi - vals[i]]), 0.0, None)
+            ax.errorbar(angles, vals[i], yerr=err, fmt="none", ecolor=style["c"], elinewidth=0.8, capsize=2)
     ax.set_xticks(angles)
     ax.set_xticklabels(names)
-    ax.set_title("rewards normalised by (R - nadir) / (ideal - nadir)", fontsize=9)
+    title = "rewards normalised by (R - nadir) / (ideal - nadir)"
+    if intervals:
+        unc = summary["uncertainty"]
+        title += f"\nerror bars: {unc['level'] * 100:g} % paired-bootstrap intervals over {unc['n_examples']} examples"
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.35, 1.1))
     try:
         return _save(fig, path)

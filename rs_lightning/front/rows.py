@@ -2,8 +2,10 @@
 
 A row: {"kind": soup|expert|init|morl, "name", "weights" (aligned with the experts; null for init/morl),
 "mu" (MORL preference or null), "rewards" {name: float|null}, "val_rewards" (when validation rows are
-computed), "valid", "invalid_rewards", "samples", "seconds", "config_hash"}. Non-finite rewards are stored
-as null with valid = false, so one NaN never breaks the JSON or the summary.
+computed), "valid", "invalid_rewards", "samples", "seconds", "config_hash", and when the task's evaluation
+steps return them (per_example.py) "per_example" / "val_per_example" {name: [float|null per example, in
+dataloader order]}}. Non-finite rewards are stored as null with valid = false, so one NaN never breaks the
+JSON or the summary.
 
 Resume: re-opening the store reads the rows already there (a line cut by a kill is dropped) and the sweep
 skips their points, so a killed sweep loses at most the point in progress. Rows from another config hash

@@ -3,6 +3,10 @@
 This is the paper's a-posteriori choice (RS recipe step 2): evaluate the grid once, then for any mu pick
 lam* = argmax_lam sum_k mu_k R_k(theta(lam)) on validation rows, by inference only. The report compares
 lam* with lam = mu (Lemma 1: lam = mu is often near-optimal) and with the MORL run trained on mu.
+
+Selection reads the validation rows; a sweep without them is an error, unless selection on the test rows
+is asked for explicitly (summary.select_on: test, `rs front select --split test`), and then every output
+says so (`TEST_NOTE`): lam* picked and scored on the same test examples is optimistic.
 """
 
 from __future__ import annotations
@@ -11,6 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from rs_lightning.front.errors import FrontError
+from rs_lightning.front.rows import reward_matrix
+
+TEST_NOTE = "selected on TEST rows (asked for explicitly): optimistic"
+VAL_NOTE = "lam* = argmax over the evaluated soups and experts of sum_k mu_k R_k on the validation rows (mu normalised)"
+SPLIT_FIELD = {"val": "val_rewards", "test": "rewards"}
 
 
 @dataclass
@@ -106,3 +117,49 @@ def preference_report(
                 break
         out.append(entry)
     return out
+
+
+def split_field(rows: Sequence[dict], split: str, *, how_to_test: str = "front.summary.select_on: test") -> str:
+    """The row field lam* is selected on ("val_rewards" / "rewards"); FrontError when validation rows are missing.
+
+    Args:
+        rows: the candidate rows (soups and experts).
+        split: "val" or "test".
+        how_to_test: how the caller asks for test selection (named in the error).
+    """
+    if split not in SPLIT_FIELD:
+        raise FrontError(f"selection split must be 'val' or 'test', got {split!r}")
+    if split == "val":
+        missing = [r["name"] for r in rows if "val_rewards" not in r]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise FrontError(
+                f"lam* is selected on validation rows, but these rows have no val_rewards: {shown}. Re-run the "
+                f"sweep with front.validate: true, or ask for selection on the test rows explicitly ({how_to_test}; "
+                "optimistic)"
+            )
+    return SPLIT_FIELD[split]
+
+
+def summary_selection(rows: Sequence[dict], names: Sequence[str], candidates: Sequence[int],
+                      morl: Sequence[int], prefs, split: str = "val") -> dict:
+    """summary.json's `selection`: lam* per preference on the `split` rows of the candidate (soup/expert) rows."""
+    field = split_field([rows[i] for i in candidates], split)
+
+    def has(i):
+        vals = rows[i].get(field) or {}
+        return all(vals.get(n) is not None for n in names)
+
+    cands = [i for i in candidates if has(i)]
+    if not cands:
+        return {"split": split, "skipped": f"no soup or expert row with valid {field}"}
+    w = np.asarray([rows[i]["weights"] for i in cands], dtype=np.float64)
+    r = reward_matrix([rows[i] for i in cands], names, field)
+    morl_pairs = [(rows[i]["mu"], reward_matrix([rows[i]], names, field)[0])
+                  for i in morl if rows[i].get("mu") is not None and has(i)]
+    report = preference_report(w, r, prefs, morl=morl_pairs)
+    if split == "val":
+        for entry in report:
+            idx = cands[int(np.argmin(np.abs(w - np.asarray(entry["lambda_star"])).sum(1)))]
+            entry["test_rewards_at_lambda_star"] = rows[idx].get("rewards")
+    return {"split": split, "note": VAL_NOTE if split == "val" else TEST_NOTE, "preferences": report}

@@ -1,71 +1,37 @@
-"""summary.json from the rows of a sweep: hypervolumes, IGD+, spacing, LMC gaps, lam* per preference, bad points.
+"""summary.json from the rows of a sweep: hypervolumes, IGD+, spacing, LMC gaps, lam* per preference, bad points,
+and an interval on every claim.
 
 Every indicator is computed in one normalised space, stated in the output: each reward is mapped by a
-per-task ideal/nadir pair (from the config, or else the min/max over all valid points of this run, which
-is then NOT comparable across runs), and the hypervolume reference point defaults to the normalised nadir
-minus `ref_margin` on every axis. Groups: "rs" (experts + soups on the simplex), "rs_extrapolated" (with
-the soups off the simplex, when the grid has any), "experts" (the endpoints only, the baseline for
-delta-HV), "morl", "init".
+per-task ideal/nadir pair (the rule of SummarySettings.nadir_from, see normalisation.py: from the config, the
+init row, the worst point, or else the min/max over all valid points of this run, which is then NOT
+comparable across runs), and the hypervolume reference point defaults to the normalised nadir minus
+`ref_margin` on every axis. Groups: "rs" (experts + soups on the simplex), "rs_extrapolated" (with the soups
+off the simplex, when the grid has any), "experts" (the endpoints only, the baseline for delta-HV), "morl",
+"init". lam* is selected on the validation rows (select.py). When the rows carry per-example test rewards,
+"uncertainty" holds paired-bootstrap intervals of the points, hypervolumes, LMC gaps and expert margins, and
+"verdicts" what those intervals allow one to say (uncertainty.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rs_lightning.front.grids import on_simplex
 from rs_lightning.front.lmc import lmc_gaps, summarise_gaps
-from rs_lightning.front.metrics import (
-    Normalisation,
-    expected_utility,
-    hypervolume,
-    igd_plus,
-    pareto_mask,
-    spacing,
-    sparsity,
-)
+from rs_lightning.front.metrics import expected_utility, hypervolume, igd_plus, pareto_mask, spacing, sparsity
+from rs_lightning.front.normalisation import NormRule
 from rs_lightning.front.rows import reward_matrix, reward_names
-from rs_lightning.front.select import preference_report
+from rs_lightning.front.select import summary_selection
+from rs_lightning.front.settings import SummarySettings
+from rs_lightning.front.uncertainty import FrontContext, summarise
 from rs_lightning.soup import simplex_lattice
 
 SUMMARY_FILE = "summary.json"
-
-
-@dataclass
-class SummarySettings:
-    """How a front is scored (none of it changes the rows, so it can be changed and re-reported).
-
-    Attributes:
-        rewards: the logged rewards to score, in order (aligned with the experts and with mu); default:
-            every `test/reward/*` in logging order.
-        ideal: per-reward best value for the normalisation (with `nadir`); default: from the data.
-        nadir: per-reward worst value.
-        reference: hypervolume reference point in RAW reward units; default: nadir - ref_margin * (ideal - nadir).
-        ref_margin: margin of the default reference point, in normalised units.
-        preferences: the mu vectors to report lam* for; default: the simplex lattice of step 1/4.
-    """
-
-    rewards: list[str] | None = None
-    ideal: list[float] | None = None
-    nadir: list[float] | None = None
-    reference: list[float] | None = None
-    ref_margin: float = 0.1
-    preferences: list[list[float]] | None = None
-
-    def check(self) -> None:
-        """Raise ValueError on inconsistent lengths, so a bad setting fails before a sweep, not after it."""
-        if (self.ideal is None) != (self.nadir is None):
-            raise ValueError("summary.ideal and summary.nadir go together: give both or neither")
-        sizes = {f: len(getattr(self, f)) for f in ("rewards", "ideal", "nadir", "reference") if getattr(self, f)}
-        sizes.update({f"preferences[{i}]": len(p) for i, p in enumerate(self.preferences or [])})
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"summary settings disagree on the number of rewards: {sizes}")
-        if self.ideal is not None:
-            Normalisation(tuple(self.ideal), tuple(self.nadir))
+__all__ = ["SUMMARY_FILE", "SummarySettings", "build_summary", "write_outputs", "write_summary"]
 
 
 def _weights(rows) -> np.ndarray:
@@ -77,7 +43,12 @@ def _describe(row: dict) -> dict:
 
 
 def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None) -> dict:
-    """Score a sweep's rows (see the module docstring); JSON-ready."""
+    """Score a sweep's rows (see the module docstring); JSON-ready.
+
+    Raises:
+        FrontError: selection on validation rows (the default) but the rows have none; per-example rewards
+            of different lengths across rows; a nadir rule that leaves no room below the ideal.
+    """
     s = settings or SummarySettings()
     s.check()
     names = list(s.rewards) if s.rewards else reward_names(rows)
@@ -112,10 +83,10 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
         out["error"] = "no valid point: every row has a missing or non-finite reward"
         return out
 
-    if s.ideal is not None and s.nadir is not None:
-        norm = Normalisation(tuple(s.ideal), tuple(s.nadir), source="config (fixed per task)")
-    else:
-        norm = Normalisation.from_points(values[valid])
+    rule = NormRule.from_settings(s)
+    kept = np.where(valid)[0].tolist()
+    init = next((i for i in by_kind["init"] if valid[i]), None)
+    norm = rule.point(values[valid], kept.index(init) if init is not None else None, names)
     z = norm.apply(values)
     if s.reference is not None:
         ref = norm.apply(np.asarray([s.reference]))[0]
@@ -123,7 +94,7 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
     else:
         ref = np.full(len(names), -float(s.ref_margin))
         ref_source = f"normalised nadir - {s.ref_margin} on every reward"
-    out["normalisation"] = norm.describe(names)
+    out["normalisation"] = {**norm.describe(names), "nadir_from": rule.kind}
     out["reference_point"] = {"raw": norm.invert(ref).tolist(), "normalised": ref.tolist(), "source": ref_source}
 
     union = z[valid][pareto_mask(z[valid], unique=True)]
@@ -142,11 +113,9 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
             "sparsity": sparsity(front) if len(front) > 1 else None,
             "expected_utility": expected_utility(pts, prefs) if len(pts) else None,
         }
-    out["hypervolume"] = {
-        **hv,
-        "rs_minus_experts": (hv["rs"] - hv["experts"]) if hv["rs"] is not None and hv["experts"] is not None else None,
-        "space": "normalised rewards (see normalisation), reference_point.normalised",
-    }
+    diffs = {f"rs_minus_{g}": (hv["rs"] - hv[g]) if hv["rs"] is not None and hv[g] is not None else None
+             for g in ("experts", "morl", "init")}
+    out["hypervolume"] = {**hv, **diffs, "space": "normalised rewards (see normalisation), reference_point.normalised"}
     out["indicators"] = ind
     out["indicators_note"] = (
         "IGD+ against the union non-dominated set of all valid points (normalised, lower is better); spacing: "
@@ -156,8 +125,15 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
     union_mask = np.zeros(len(rows), dtype=bool)
     union_mask[np.where(valid)[0][pareto_mask(z[valid])]] = True
     out["pareto_points"] = [_describe(rows[i]) for i in np.where(union_mask)[0]]
-    out["lmc"] = _lmc(rows, values, valid, experts, by_kind["soup"], names)
-    out["selection"] = _selection(rows, names, rs_all, by_kind["morl"], prefs)
+    soups = [i for i in by_kind["soup"] if valid[i] and on_simplex(rows[i]["weights"])]
+    out["lmc"] = _lmc(rows, values, valid, experts, soups, names)
+    out["selection"] = summary_selection(rows, names, rs_all, by_kind["morl"], prefs, s.select_on)
+    ctx = FrontContext(names=names, groups={g: [i for i in groups[g] if valid[i]] for g in ("rs", "morl", "experts",
+                                                                                           "init")},
+                       experts=experts, soups=soups, init=init, rule=rule, reference=s.reference,
+                       ref_margin=s.ref_margin)
+    out["uncertainty"], out["verdicts"] = summarise(rows, valid, ctx, n_boot=s.n_boot, level=s.level,
+                                                    seed=s.boot_seed)
     return out
 
 
@@ -165,7 +141,6 @@ def _lmc(rows, values, valid, experts, soups, names) -> dict:
     info = {"definition": "R_k(theta(lam)) - sum_i lam_i R_k(theta_i); > 0 = above the chord (LMC holds)"}
     if len(experts) < 2 or not all(valid[i] for i in experts):
         return {**info, "skipped": "needs at least two experts with valid rewards"}
-    soups = [i for i in soups if valid[i] and on_simplex(rows[i]["weights"])]
     if not soups:
         return {**info, "skipped": "no valid soup on the simplex"}
     gaps = lmc_gaps(_weights([rows[i] for i in soups]), values[soups], values[experts])
@@ -174,33 +149,6 @@ def _lmc(rows, values, valid, experts, soups, names) -> dict:
         "per_reward": summarise_gaps(gaps, names),
         "points": [{"name": rows[i]["name"], "weights": rows[i]["weights"], "gaps": g.tolist()}
                    for i, g in zip(soups, gaps)],
-    }
-
-
-def _selection(rows, names, candidates, morl, prefs) -> dict:
-    def has(i, field):
-        vals = rows[i].get(field) or {}
-        return all(vals.get(n) is not None for n in names)
-
-    split = "val" if candidates and all(has(i, "val_rewards") for i in candidates) else "test"
-    field = "val_rewards" if split == "val" else "rewards"
-    cands = [i for i in candidates if has(i, field)]
-    if not cands:
-        return {"skipped": "no valid soup or expert row"}
-    w = _weights([rows[i] for i in cands])
-    r = reward_matrix([rows[i] for i in cands], names, field)
-    m_rows = [i for i in morl if rows[i].get("mu") is not None and has(i, field)]
-    morl_pairs = [(rows[i]["mu"], reward_matrix([rows[i]], names, field)[0]) for i in m_rows]
-    report = preference_report(w, r, prefs, morl=morl_pairs)
-    if split == "val":
-        for entry in report:
-            idx = cands[int(np.argmin(np.abs(w - np.asarray(entry["lambda_star"])).sum(1)))]
-            entry["test_rewards_at_lambda_star"] = rows[idx].get("rewards")
-    return {
-        "split": split,
-        "note": "lam* = argmax over the evaluated soups and experts of sum_k mu_k R_k on the split (mu normalised)"
-        + ("" if split == "val" else "; no validation rows (run with front.validate: true), so on the test rows"),
-        "preferences": report,
     }
 
 

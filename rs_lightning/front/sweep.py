@@ -6,9 +6,12 @@ The module and the Trainer are built once. For each weight vector w (aligned wit
 theta = sum_i w_i theta_i; for two experts lam is the weight of the SECOND) the soup engine writes the
 soup into the module's own tensors (no save-and-reload per point), `trainer.test(module, datamodule)`
 runs, and every logged `test/reward/<name>` becomes one row of `front.jsonl` (see rows.py), flushed and
-fsynced as soon as the point finishes. Re-running skips the points already on disk, so a killed sweep
-resumes and loses at most the point in progress. Rewards are torchmetrics Metrics in the task, so the
-sync across devices is Lightning's; rows are written by global rank 0 only.
+fsynced as soon as the point finishes. By default `trainer.validate` runs too (`val/reward/<name>`, the rows
+lam* is selected on). The per-example rewards the task's `test_step` / `validation_step` return (the contract
+of per_example.py) are kept in the row as `per_example` / `val_per_example`, for the bootstrap intervals.
+Re-running skips the points already on disk, so a killed sweep resumes and loses at most the point in
+progress. Rewards are torchmetrics Metrics in the task, so the sync across devices is Lightning's; rows are
+written by global rank 0 only.
 
 Points, in order: each expert (one-hot weights; the grid's one-hot points are these rows, bit for bit,
 and are not evaluated twice), every other grid point (kind "soup"), the init, each MORL run.
@@ -99,7 +102,7 @@ def run_sweep(
     rewards: Sequence[str] | None = None,
     config_hash: str | None = None,
     overwrite: bool = False,
-    validate: bool = False,
+    validate: bool = True,
     seed: int | None = 0,
     target_prefix: str | None = None,
     cache_checkpoints: bool = True,
@@ -123,7 +126,8 @@ def run_sweep(
         config_hash: identity of the model/data/trainer/checkpoints; rows on disk must match it.
         overwrite: discard rows already in out_dir instead of resuming.
         validate: also run `trainer.validate` per point and record `val/reward/*` as `val_rewards` (the
-            rows λ* is selected on).
+            rows λ* is selected on; default True). The module needs a `validation_step` and the datamodule
+            a `val_dataloader`; without them pass False and select on test explicitly (optimistic).
         seed: `seed_everything(seed)` before each point; None leaves the RNG alone.
         target_prefix: restrict `module.state_dict()` to keys under this prefix (see checkpoints.py).
         cache_checkpoints: hold all checkpoints in memory (fast); False re-reads them at every point.
@@ -144,6 +148,8 @@ def run_sweep(
     if not grid:
         raise FrontError("the grid is empty: give at least one weight vector")
     points = plan_points(experts, grid, init=init, morl=morl)
+    if validate:
+        _check_can_validate(module, datamodule)
     loaded = [(e, load_checkpoint(e, cache=cache_checkpoints)) for e in experts]
     extras = {id(c): load_checkpoint(c, cache=cache_checkpoints) for c in [*([init] if init else []), *morl]}
     target = soup_target(module, target_prefix)
@@ -163,8 +169,10 @@ def run_sweep(
         _write_run_file(out_dir, experts, init, morl, config_hash, n_keys, len(target), allow_extrapolation,
                         target_prefix, meta)
 
-    counter = counter_callback()
-    added = [counter, *callbacks]
+    from rs_lightning.front.per_example import collector_callback
+
+    counter, collector = counter_callback(), collector_callback()
+    added = [counter, collector, *callbacks]
     trainer.callbacks.extend(added)
     sources = [sd for _, sd in loaded]
     todo = [p for p in points if store.get(p.key) is None]
@@ -173,8 +181,8 @@ def run_sweep(
         with quiet_lightning():
             for point in todo:
                 bar.set_postfix_str(f"{point.kind} {point.name}", refresh=True)
-                row = _run_point(point, module, datamodule, trainer, counter, sources, extras, target_prefix,
-                                 allow_extrapolation, rewards, validate, seed)
+                row = _run_point(point, module, datamodule, trainer, (counter, collector), sources, extras,
+                                 target_prefix, allow_extrapolation, rewards, validate, seed)
                 if is_writer:
                     store.append(row)
                 bar.update(1)
@@ -185,8 +193,25 @@ def run_sweep(
     return [store.get(p.key) for p in points if store.get(p.key) is not None]
 
 
-def _run_point(point, module, datamodule, trainer, counter, sources, extras, target_prefix,
+def _check_can_validate(module, datamodule) -> None:
+    """Refuse, before any point runs, a validating sweep whose module or datamodule cannot validate."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    loaders = ("the datamodule", datamodule) if datamodule is not None else ("the module", module)
+    missing = [f"{what} has no `{hook}`" for what, obj, hook in (("the module", module, "validation_step"),
+                                                                (*loaders, "val_dataloader"))
+               if not is_overridden(hook, obj)]
+    if missing:
+        raise FrontError(
+            f"front.validate is true (the default: lam* is selected on validation rows) but {' and '.join(missing)}. "
+            "Add it, or set front.validate: false with front.summary.select_on: test (selection on the test rows, "
+            "optimistic)"
+        )
+
+
+def _run_point(point, module, datamodule, trainer, callbacks, sources, extras, target_prefix,
                allow_extrapolation, rewards, validate, seed) -> dict:
+    counter, collector = callbacks
     start = time.perf_counter()
     target = soup_target(module, target_prefix)  # fresh: the module may have moved device since last time
     if point.extra is None:
@@ -201,16 +226,35 @@ def _run_point(point, module, datamodule, trainer, counter, sources, extras, tar
             from lightning.pytorch import seed_everything
 
             seed_everything(seed, verbose=False)
-        values, samples = evaluate(trainer, module, datamodule, stage, counter)
+        values, samples, per_example = evaluate(trainer, module, datamodule, stage, counter, collector)
         clean, bad = clean_rewards(values, rewards or ())
+        _check_per_example(per_example, values, stage)
         if stage == "test":
             row.update(rewards=clean, valid=not bad and bool(clean), invalid_rewards=bad, samples=samples)
             if not clean:
                 row["invalid_rewards"] = ["<no test/reward/* metric was logged>"]
+            if per_example:
+                row["per_example"] = per_example
         else:
             row.update(val_rewards=clean, val_valid=not bad and bool(clean), val_samples=samples)
+            if per_example:
+                row["val_per_example"] = per_example
     row["seconds"] = round(time.perf_counter() - start, 6)
     return row
+
+
+def _check_per_example(per_example: dict, logged: dict, stage: str) -> None:
+    """The per-example rewards must be exactly the logged ones, each with one value per example."""
+    if not per_example:
+        return
+    step = "test_step" if stage == "test" else "validation_step"
+    if set(per_example) != set(logged):
+        raise FrontError(f"{step} returned per-example rewards {sorted(per_example)} but logged "
+                         f"{sorted(logged)} as {stage if stage == 'test' else 'val'}/reward/*: return exactly the "
+                         "logged rewards (see rs_lightning.front.per_example)")
+    sizes = {name: len(v) for name, v in per_example.items()}
+    if len(set(sizes.values())) > 1:
+        raise FrontError(f"{step} returned per-example rewards of different lengths {sizes}: one score per example")
 
 
 def _write_run_file(out_dir, experts, init, morl, config_hash, n_keys, n_target, allow_extrapolation,

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from rs_lightning.rewards.registry import build_reward
 from rs_lightning.rl import scst
 from rs_lightning.tasks.captioning import rewards as rw
 from rs_lightning.tasks.captioning.decoding import CaptionDecoder, encode_images
@@ -117,13 +118,16 @@ class CaptioningModule(L.LightningModule):
             raise ValueError(f"got {len(self.reward_weights)} reward_weights for rewards {rewards}")
         metrics = list(eval_metrics) if eval_metrics is not None else [
             m for m in DEFAULT_EVAL_METRICS if m != "meteor" or shutil.which("java")]
-        build = dict(clip_model=clip_model, clip_pretrained=clip_pretrained)
+        options = {"clipscore": dict(model=clip_model, pretrained=clip_pretrained)}
         # XE needs no reward: skip building them (CIDEr-D df over 113k COCO images is not free).
         train = rewards if stage == "scst" else []
         metrics += [r for r in train if r not in metrics]
-        self.train_rewards = nn.ModuleDict({n: rw.build_reward(n, **build) for n in train})
-        self.val_metrics = nn.ModuleDict({n: rw.build_reward(n, **build) for n in metrics})
-        self.test_metrics = nn.ModuleDict({n: rw.build_reward(n, **build) for n in metrics})
+        self.train_rewards = nn.ModuleDict({n: build_reward(n, **options.get(n, {})) for n in train})
+        self.val_metrics = nn.ModuleDict({n: build_reward(n, **options.get(n, {})) for n in metrics})
+        self.test_metrics = nn.ModuleDict({n: build_reward(n, **options.get(n, {})) for n in metrics})
+        # The SCST reward sum_i mu_i R_i / sum_i mu_i (it holds no persistent state: checkpoints are unchanged).
+        self.objective = rw.CaptionMixture(dict(self.train_rewards), self.reward_weights, name="total") if train \
+            else None
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
@@ -154,7 +158,7 @@ class CaptioningModule(L.LightningModule):
                 if self.hparams.init_checkpoint:
                     check_vocab(self.hparams.init_checkpoint, self.vocab_ids)
             for reward in self.train_rewards.values():
-                if isinstance(reward, rw.CaptionReward):
+                if isinstance(reward, rw.CaptionMetric):
                     reward.set_cider_corpus(train_refs)
             self._ready.add("train")
         # Evaluation CIDEr-D takes df over the evaluated split, as pycocoevalcap's corpus score does.
@@ -208,7 +212,7 @@ class CaptioningModule(L.LightningModule):
         return loss
 
     def _rewards(self, texts: list[str], refs: list[list[str]], images: Tensor | None) -> dict[str, Tensor]:
-        return {name: r.score(texts, refs, images) for name, r in self.train_rewards.items()}
+        return self.objective.score_components(texts, refs, images)
 
     def scst_step(self, batch: dict[str, Any]) -> Tensor:
         """One SCST loss: k samples per image `[B*k, T]`, rewards and baseline `[B, k]`, 0-dim loss."""
@@ -225,18 +229,17 @@ class CaptioningModule(L.LightningModule):
         with self._eval_mode():
             sampled = decoder.generate(samples_embs.detach(), hp.max_length, generator=generator)
         texts = self.tokenizer.decode_batch(sampled.tokens)
-        needs_images = any(isinstance(r, rw.CLIPScore) for r in self.train_rewards.values())
+        needs_images = self.objective.needs_images
         components = self._rewards(texts, [r for r in refs for _ in range(k)],
                                    images.repeat_interleave(k, dim=0) if needs_images else None)
-        weights = dict(zip(self.train_rewards, self.reward_weights))
-        total = rw.mixture(components, weights).view(b, k)
+        total = self.objective.combine(components).view(b, k)
         if hp.baseline == "leave_one_out":
             baseline = scst.leave_one_out_baseline(total)
         else:
             with self._eval_mode():
                 greedy = decoder.generate(embs.detach(), hp.max_length, greedy=True)
             greedy_texts = self.tokenizer.decode_batch(greedy.tokens)
-            greedy_total = rw.mixture(self._rewards(greedy_texts, refs, images if needs_images else None), weights)
+            greedy_total = self.objective.combine(self._rewards(greedy_texts, refs, images if needs_images else None))
             baseline = scst.greedy_baseline(total, greedy_total)
         logp = decoder.token_logprobs(samples_embs, sampled.tokens, sampled.mask)
         t = sampled.tokens.shape[1]
@@ -264,23 +267,28 @@ class CaptioningModule(L.LightningModule):
                 out = decoder.generate(embs, hp.max_length, greedy=True)
         return self.tokenizer.decode_batch(out.tokens)
 
-    def _evaluate(self, batch: dict[str, Any], metrics: nn.ModuleDict, stage: str) -> list[str]:
+    def _evaluate(self, batch: dict[str, Any], metrics: nn.ModuleDict, stage: str) -> tuple[list[str], dict]:
         texts, refs = self.caption(batch["images"]), batch["references"]
+        scores = {}
         for name, metric in metrics.items():
-            metric.update(texts, refs, batch["images"])
+            # Per-caption scores for the front's paired bootstrap (rs_lightning.front.per_example), scored once:
+            # `add_scores` feeds the same values to the logged mean (torchmetrics', synced across devices).
+            scores[name] = metric.score(texts, refs, batch["images"])
+            metric.add_scores(scores[name])
             self.log(f"{stage}/reward/{name}", metric, on_step=False, on_epoch=True, batch_size=len(texts))
-        return texts
+        return texts, {"rewards": scores}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, dict[str, Tensor]]:
+        return self._evaluate(batch, self.val_metrics, "val")[1]
 
     def on_test_epoch_start(self) -> None:
         self.test_captions = []
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        texts = self._evaluate(batch, self.test_metrics, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, dict[str, Tensor]]:
+        texts, out = self._evaluate(batch, self.test_metrics, "test")
         self.test_captions += [{"id": i, "caption": c, "references": r}
                                for i, c, r in zip(batch["ids"], texts, batch["references"])]
+        return out
 
     def on_test_epoch_end(self) -> None:
         if not self.hparams.corpus_metrics:

@@ -9,7 +9,8 @@ measures has a closed form:
 - MORL optimum of sum_k mu_k R_k: theta_j = sum_k mu_k h_kj theta*_kj / sum_k mu_k h_kj;
 - isotropic case: that optimum is the soup with lam_i proportional to mu_i eta_i (Lemma 2).
 
-`QuadraticRewards` logs each reward as a torchmetrics MeanMetric (`test/reward/<name>`, `val/reward/<name>`)
+`QuadraticRewards` logs each reward as a torchmetrics MeanMetric (`test/reward/<name>`, `val/reward/<name>`),
+returns the per-example scores from its evaluation steps (all equal: the rewards do not depend on the data)
 and trains on -sum_k mu_k R_k, so `rs fit` can make real experts/MORL runs; `python -m
 rs_lightning.tasks.toy.quadratic --config configs/front/quadratic.yaml` writes the closed-form init, expert
 and MORL checkpoints a front config names (seconds, no training).
@@ -82,18 +83,22 @@ class QuadraticRewards(pl.LightningModule):
         theta = self.theta if theta is None else theta
         return self.peaks - (self.curvature * (theta[None, :] - self.optima) ** 2).sum(dim=1)
 
-    def _log_rewards(self, batch: Tensor, metrics: nn.ModuleDict, stage: str) -> None:
+    def _log_rewards(self, batch: Tensor, metrics: nn.ModuleDict, stage: str) -> dict[str, dict[str, Tensor]]:
         r = self.rewards()
+        scores = {}
         for i, name in enumerate(self.names):
             # One score per sample, as a real reward would give; the metric syncs the mean across devices.
-            metrics[name].update(r[i].expand(batch.shape[0]))
+            scores[name] = r[i].expand(batch.shape[0]).detach()
+            metrics[name].update(scores[name])
             self.log(f"{stage}/reward/{name}", metrics[name], on_step=False, on_epoch=True)
+        # The per-example scores the front's bootstrap reads (rs_lightning.front.per_example); all equal here.
+        return {"rewards": scores}
 
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._log_rewards(batch, self.test_metrics, "test")
+    def test_step(self, batch: Tensor, batch_idx: int) -> dict[str, dict[str, Tensor]]:
+        return self._log_rewards(batch, self.test_metrics, "test")
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._log_rewards(batch, self.val_metrics, "val")
+    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, dict[str, Tensor]]:
+        return self._log_rewards(batch, self.val_metrics, "val")
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = -(self.mu * self.rewards()).sum()
