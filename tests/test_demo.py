@@ -11,7 +11,8 @@ from rs_lightning.cli import main
 
 def run_demo(out) -> str:
     """`rs demo --quick` as a user runs it: in its own process (no state left by other tests)."""
-    cmd = [sys.executable, "-m", "rs_lightning.cli", "demo", "--task", "captioning", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "rs_lightning.cli", "demo", "--task", "captioning", "--quick", "--points", "5",
+           "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -28,19 +29,46 @@ def test_readme_help_commands_work(capsys):
     assert "weight of the SECOND" in out
 
 
-def test_quick_captioning_demo_runs_and_reuses_stages(tmp_path):
+def _verdict_of(interval: dict, positive: str, negative: str) -> str:
+    if interval["low"] > 0:
+        return positive
+    if interval["high"] < 0:
+        return negative
+    return "indistinguishable at 95 %"
+
+
+def test_quick_captioning_demo_runs_replicates_and_reuses_stages(tmp_path):
     pytest.importorskip("open_clip")
     first = run_demo(tmp_path)
-    assert "trade-off: the bleu1 expert beats the rouge_l expert" in first
     out_dir = tmp_path / "captioning-quick"
     report = json.loads((out_dir / "report.json").read_text())
     assert report["rewards"] == ["bleu1", "rouge_l"]
-    names = [p["policy"] for p in report["policies"]]
-    assert names[:3] == ["init", "expert bleu1 (seed 0)", "expert rouge_l (seed 0)"]
-    assert "MORL mu=0.5" in names and "expert bleu1 (seed 1)" in names
-    assert report["compute"]["trainings"] == 6  # XE init, 2 experts x 2 seeds, MORL
-    rows = [json.loads(line) for line in (out_dir / "front" / "front.jsonl").read_text().splitlines()]
-    assert len(rows) == 11 + 1 + 1  # 11 lambdas (the endpoints are the experts), init, MORL
-    assert (out_dir / "front" / "front.png").exists()
+    assert len(report["replicates"]) == 2  # the default: two independent replicates
+    assert list(report["pooled_policies"])[:3] == ["init", "expert bleu1", "expert rouge_l"]
+    assert report["compute"]["trainings"] == 8  # per replicate: XE init, 2 experts, MORL
+    for r in range(2):
+        rows = [json.loads(line) for line in (out_dir / f"rep{r}" / "front" / "front.jsonl").read_text().splitlines()]
+        assert len(rows) == 5 + 1 + 1  # 5 lambdas (the endpoints are the experts), init, MORL
+        assert all(row["val_rewards"] for row in rows)  # lam* is selected on validation rows
+        assert (out_dir / f"rep{r}" / "front" / "front.png").exists()
+        assert (out_dir / "logs" / f"r{r}-init.log").exists()
+    # Replicates differ: their own init (data order and model seed), hence their own experts.
+    a, b = ((out_dir / f"rep{r}" / "init" / "model.safetensors").read_bytes() for r in range(2))
+    assert a != b
+    # Every printed verdict is the one its interval gives, and the report prints each claim with its numbers.
+    claims = {c["figure"]: c for c in report["claims"]}
+    assert {"hv_rs_minus_morl", "gain_over_init_bleu1", "gain_over_init_rouge_l", "tradeoff_bleu1_vs_rouge_l",
+            "lmc_mean_bleu1"} <= set(claims)
+    for c in report["claims"]:
+        positive, negative = c["labels"]
+        pooled = c["pooled"]
+        assert pooled["n"] == 2 and pooled["low"] <= pooled["value"] <= pooled["high"]
+        assert c["pooled_verdict"] == _verdict_of(pooled, positive, negative)
+        for interval, said in zip(c["per_replicate"], c["per_replicate_verdicts"]):
+            assert said == _verdict_of(interval, positive, negative)
+        assert c["holds_in_every_replicate"] == all(v == positive for v in c["per_replicate_verdicts"])
+        printed = f"pooled {pooled['value']:+.3f} [{pooled['low']:+.3f}, {pooled['high']:+.3f}]: {c['pooled_verdict']}"
+        assert printed in first, printed
     second = run_demo(tmp_path)
-    assert second.count("finished earlier, reused") == 8
+    assert second.count("reused") == 10  # 2 replicates x (init, 2 experts, MORL, sweep)
+

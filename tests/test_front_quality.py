@@ -23,7 +23,8 @@ def _rows():
 
 
 def test_scores_each_method_on_its_own_points():
-    timings = {"seed0-bleu1": {"seconds": 60.0}, "seed0-rouge_l": {"seconds": 120.0}, "seed0-morl": {"seconds": 30.0}}
+    timings = {"r0-expert-bleu1": {"seconds": 60.0}, "r0-expert-rouge_l": {"seconds": 120.0},
+               "r0-morl": {"seconds": 30.0}}
     result = fq.score(_rows(), REWARDS, timings)
     table = {row["method"]: row for row in result["methods"]}
     assert list(table) == ["RS (11 soups of 2 experts)", "MORL, 1 preference", "MORL, 3 preferences",
@@ -54,10 +55,11 @@ def test_missing_morl_run_is_named():
 def test_plan_reuses_the_demo_stages_and_adds_the_missing_morl_runs(tmp_path: Path):
     stages = fq.plan(tmp_path, profile="quick")
     names = [s.name for s in stages]
-    assert names[:3] == ["init-xe", "seed0-bleu1", "seed0-rouge_l"]
-    assert "seed0-morl" in names  # mu = 0.5 is the demo's own MORL stage: same name, same output
+    assert names[:3] == ["r0-init", "r0-expert-bleu1", "r0-expert-rouge_l"]
+    assert "r0-morl" in names  # mu = 0.5 is the demo's own MORL stage: same name, same output
     assert sorted(s.mu[1] for s in stages if s.kind == "morl") == [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9]
     assert all(abs(sum(s.mu) - 1.0) < 1e-12 for s in stages if s.kind == "morl")
     front = stages[-1]
     assert front.kind == "front" and front.output == tmp_path / "front_quality" / "summary.json"
     assert len(front.config["front"]["morl"]) == 7
+    assert set(front.needs) == {s.name for s in stages[:-1]}  # the sweep waits for every training

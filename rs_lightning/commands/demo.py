@@ -1,15 +1,18 @@
-"""`rs demo`: run the whole rewarded-soups method on the embedded offline default, with a closing report.
+"""`rs demo`: run the whole rewarded-soups method on the embedded offline default, replicated, with a report.
 
     rs demo                      # captioning: tiny CoCa on the synthetic caption set, BLEU-1 vs ROUGE-L
-    rs demo --task text          # SmolLM2 + LoRA, VADER positivity vs MiniLM relevance (about 20 min)
+    rs demo --replicates 3       # three independent replicates (own init, experts, MORL and sweep each)
+    rs demo --task text          # SmolLM2 + LoRA, VADER positivity vs MiniLM relevance
     rs demo --quick              # the same pipeline on tiny models, in about a minute
-A second run reuses the finished stages; --force retrains them.
+Stages run concurrently in processes of their own (--workers); a second run reuses the finished stages.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,50 +25,74 @@ FAMILIES = ("text", "captioning")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rs demo", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run the complete method offline: the shared init, one expert per reward, MORL at mu = 0.5, "
-                    "the front sweep over 11 lambda values (lambda = weight of the SECOND expert), and a report.",
-        epilog="Outputs: <out>/<task>/front/{front.jsonl,summary.json,front.png}, <out>/<task>/report.json; every "
-               "stage's config is in <out>/<task>/configs/ (re-run one with rs fit --config ...).",
+        description="Run the complete method offline, R times independently: per replicate the shared init, one "
+                    "expert per reward, MORL at mu = 0.5, and the front sweep over the lambda grid (lambda = weight "
+                    "of the SECOND expert) on validation and test images; then a report whose every figure has a "
+                    "95 %% interval (bootstrap over test examples within a replicate, Student t across replicates).",
+        epilog="Outputs: <out>/<task>/rep<r>/front/{front.jsonl,summary.json,front.png}, <out>/<task>/report.json; "
+               "each stage's config is in <out>/<task>/configs/ (re-run one with rs fit --config ...) and its log "
+               "in <out>/<task>/logs/.",
     )
     p.add_argument("--task", choices=FAMILIES, default="captioning",
-                   help="task family (default: captioning, the one whose 5 trainings fit in 15 minutes on 2 cores)")
+                   help="task family (default: captioning, the one whose replicated run fits in 12 minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                   help="training seeds of the experts; the first also trains MORL and is swept (default: 0 1)")
+    p.add_argument("--replicates", type=int, default=2,
+                   help="independent replicates, each with its own init, seeds, experts, MORL and sweep (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of replicate 0; replicate r uses seed + r (default: 0)")
     p.add_argument("--iterations", type=int, default=None, help="training iterations per run (default: the config's)")
-    p.add_argument("--points", type=int, default=11, help="lambda values in the sweep (default: 11)")
+    p.add_argument("--points", type=int, default=11, help="lambda values in the sweep, >= 2 (default: 11)")
+    p.add_argument("--threads", type=int, default=1, help="threads per stage process (default: 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="stages run at once (default: CPU cores // threads)")
     p.add_argument("--quick", action="store_true", help="tiny models and a few iterations: checks the pipeline")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate every stage")
     return p
 
 
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every argument is checked here, before any training starts."""
+    for name, low in (("replicates", 1), ("points", 2), ("threads", 1), ("workers", 1), ("iterations", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a folder")
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
     profile = "quick" if args.quick else "default"
     out = Path(args.out) / (f"{args.task}-quick" if args.quick else args.task)
     if args.task == "text":
         from rs_lightning.demo import text as family
     else:
-        import torch
-
         from rs_lightning.demo import captioning as family
-
-        # The tiny captioner's ops are too small to split: a second OpenMP thread only adds waiting (measured
-        # ~6x slower steps on a busy 2-core machine).
-        torch.set_num_threads(1)
-    from rs_lightning.demo.pipeline import run_stages
     from rs_lightning.demo.report import build_report, format_report
+    from rs_lightning.demo.runner import StageFailed, default_workers, run_stages
 
+    stages = family.plan(out, replicates=args.replicates, seed=args.seed, profile=profile,
+                         iterations=args.iterations, points=args.points)
     if args.force:
-        for name in ("front", *[f"front_seed{s}" for s in args.seeds[1:]]):
-            for f in ("front.jsonl", "summary.json"):
-                (out / name / f).unlink(missing_ok=True)
-    stages = family.plan(out, seeds=args.seeds, profile=profile, iterations=args.iterations, points=args.points)
-    print(f"rs demo: {args.task} family, {len(stages)} stages, outputs under {out}", flush=True)
+        for s in stages:
+            if s.kind == "front":
+                shutil.rmtree(s.output.parent, ignore_errors=True)
+    workers = args.workers or default_workers(args.threads)
+    print(f"rs demo: {args.task} family, {args.replicates} replicate(s), {len(stages)} stages, {workers} at once "
+          f"x {args.threads} thread(s) ({os.cpu_count()} cores); outputs under {out}", flush=True)
     start = time.perf_counter()
-    run_stages(stages, out, force=args.force)
-    report = build_report(out, family.REWARDS, args.seeds)
+    try:
+        run_stages(stages, out, force=args.force, workers=workers, threads=args.threads,
+                   log=lambda line: print(line, flush=True))
+    except StageFailed as err:
+        print(f"rs demo: {err}", file=sys.stderr)
+        return 1
+    report = build_report(out, family.REWARDS, args.replicates)
     report["wall_minutes_this_run"] = round((time.perf_counter() - start) / 60, 2)
+    report["settings"] = {"task": args.task, "profile": profile, "replicates": args.replicates, "seed": args.seed,
+                          "workers": workers, "threads": args.threads, "points": args.points}
     with atomic_file(out / "report.json") as f:
         json.dump(report, f, indent=2)
     print(format_report(report))

@@ -1,11 +1,20 @@
 """The captioning family of `rs demo`: a tiny CoCa on the synthetic caption set, BLEU-1 vs ROUGE-L.
 
-Stages (configs/captioning/*.yaml, sized for a 2-core CPU):
-  init        cross-entropy (XE) training of the captioner: the shared theta_0 of every SCST run
-  expert x2   SCST on BLEU-1 and on ROUGE-L (mu one-hot; both logged), for every seed
-  morl        SCST on 0.5 BLEU-1 + 0.5 ROUGE-L (seed 0)
-  front       11 full-weight soups of the seed-0 experts + init + MORL, beam-5 evaluation of every metric
-  spread      the seed-1 experts evaluated the same way (endpoints only)
+Stages of each replicate r (configs/captioning/*.yaml, sized for a 2-core CPU; seed = first seed + r):
+  init        cross-entropy (XE) training of the captioner, its own model seed and data order: the shared
+              theta_0 of the replicate's SCST runs
+  expert x2   SCST on BLEU-1 and on ROUGE-L (mu one-hot; both logged)
+  morl        SCST on 0.5 BLEU-1 + 0.5 ROUGE-L
+  front       the soups of the two experts over the lambda grid, + init + MORL; greedy evaluation of every
+              metric on the test and validation images, per-example rewards kept for the bootstrap
+
+Why greedy and not the paper's beam 5 (measured, replicate 0, 200 test images, see benchmarks/RESULTS.md): beam
+search lifts the XE init by +0.07 BLEU-1 / +0.09 ROUGE-L over its greedy captions, but not the SCST experts, whose
+policies are nearly deterministic after SCST (the ROUGE-L expert's beam-5 and greedy scores agree to 7 digits). At
+beam 5 the ROUGE-L expert then scores below the init on ROUGE-L (0.656 vs 0.677) although SCST raised it from
+0.586 to 0.656 under greedy decoding (SCST optimises the reward of sampled captions; the greedy caption is the
+mode of that policy). The demo reports the policies SCST trained, greedily decoded;
+`--model.init_args.eval_decoding beam` in the sweep config gives beam 5.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, fit, front_section, method_stages
+from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, front_section, replicate_stages
 
 REWARDS = ["bleu1", "rouge_l"]
 NADIR, IDEAL = [0.0, 0.0], [1.0, 1.0]  # both metrics live in [0, 1]
@@ -23,7 +32,7 @@ PREFERENCES = [[0.8, 0.2], [0.5, 0.5], [0.2, 0.8]]
 PROFILES = {
     "default": {},
     "quick": {"data.num_train": 64, "data.num_test": 16, "data.num_val": 8, "data.eval_batch_size": 16,
-              "model.beam_size": 2, "xe_epochs": 1, "scst_epochs": 1},
+              "xe_epochs": 1, "scst_epochs": 1},
 }
 
 
@@ -66,18 +75,25 @@ def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, mo
     model["init_args"].update(rewards=["bleu1"], reward_weights=None, corpus_metrics=False)
     front = front_section(REWARDS, experts, out_dir, init=init, morl=morl, points=points, ideal=IDEAL,
                           nadir=NADIR, preferences=PREFERENCES)
-    return {"seed_everything": 0, "model": model, "data": copy.deepcopy(base["data"]),
+    data = copy.deepcopy(base["data"])
+    data["init_args"].pop("shuffle_seed", None)  # evaluation reads no training order
+    return {"seed_everything": 0, "model": model, "data": data,
             "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
 
 
-def _builders(out: Path, seed: int, profile: str, iterations: int | None):
-    """(init stage, train, front) for `out`: train(run dir, seed, mu) -> (config, output); front(...) -> config."""
+def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: str = "init-xe"):
+    """(init stage, train, front) for one replicate folder `out` whose runs are seeded `seed`."""
     settings = PROFILES[profile]
     xe = _apply(_load("xe_init.yaml"), settings)
+    xe["model"]["init_args"]["init_seed"] = seed
+    xe["data"]["init_args"]["shuffle_seed"] = seed  # same images and captions, another order
     scst = _apply(_load("scst_morl_bleu1_rouge_l.yaml"), settings)
+    scst["data"]["init_args"]["shuffle_seed"] = seed
+    scst["model"]["init_args"]["eval_decoding"] = "greedy"  # see the module docstring
     scst_epochs = iterations or settings.get("scst_epochs")
     init_path = out / "init" / "model.safetensors"
-    init = Stage("init-xe", "init", init_path, _run(xe, out / "init", init_path, seed, settings.get("xe_epochs")), fit)
+    init = Stage(name, "init", init_path, _run(xe, out / "init", init_path, seed, settings.get("xe_epochs")),
+                 seed=seed)
     scst["model"]["init_args"]["init_checkpoint"] = str(init_path)
 
     def train(run_dir: Path, seed: int, mu: list[float]) -> tuple[dict, Path]:
@@ -92,32 +108,39 @@ def _builders(out: Path, seed: int, profile: str, iterations: int | None):
     return init, train, front
 
 
-def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: int | None = None,
+def plan(out: Path, *, replicates: int = 2, seed: int = 0, profile: str = "default", iterations: int | None = None,
          points: int = 11) -> list[Stage]:
-    """The ordered stages of the captioning demo under `out` (`iterations` = SCST epochs here)."""
-    init, train, front = _builders(out, seeds[0], profile, iterations)
-    return method_stages(out, seeds, REWARDS, init, train, front, points)
+    """The stages of the captioning demo under `out` (`iterations` = SCST epochs here); replicate r in out/rep<r>."""
+    stages = []
+    for r in range(replicates):
+        rep = out / f"rep{r}"
+        init, train, front = _builders(rep, seed + r, profile, iterations, name=f"r{r}-init")
+        init.replicate = r
+        stages += replicate_stages(rep, r, seed + r, REWARDS, init, train, front, points)
+    return stages
 
 
-def morl_stage(out: Path, mu: list[float], *, seed: int = 0, profile: str = "default",
+def morl_stage(out: Path, mu: list[float], *, replicate: int = 0, seed: int = 0, profile: str = "default",
                iterations: int | None = None) -> Stage:
-    """One MORL training on mu[0] BLEU-1 + mu[1] ROUGE-L from the demo's init (mu = [0.5, 0.5] IS the demo's
-    MORL stage, same name and output, so either run reuses the other's)."""
-    _, train, _ = _builders(out, seed, profile, iterations)
-    run_dir = out / f"seed{seed}" / ("morl" if mu == [0.5, 0.5] else f"morl_mu{mu[1]:g}")
-    config, output = train(run_dir, seed, mu)
-    return Stage(morl_stage_name(mu, seed), "morl", output, config, fit, seed=seed, mu=mu)
+    """One MORL training on mu[0] BLEU-1 + mu[1] ROUGE-L from replicate `replicate`'s init (mu = [0.5, 0.5] IS
+    the demo's MORL stage, same name and output, so either run reuses the other's)."""
+    rep = out / f"rep{replicate}"
+    init, train, _ = _builders(rep, seed + replicate, profile, iterations, name=f"r{replicate}-init")
+    run_dir = rep / ("morl" if mu == [0.5, 0.5] else f"morl_mu{mu[1]:g}")
+    config, output = train(run_dir, seed + replicate, mu)
+    return Stage(morl_stage_name(mu, replicate), "morl", output, config, [init.name], seed=seed + replicate, mu=mu,
+                 replicate=replicate)
 
 
-def morl_stage_name(mu: list[float], seed: int = 0) -> str:
-    """The stage (and timing) name of a MORL run: "seed0-morl" for the demo's mu = [0.5, 0.5]."""
-    return f"seed{seed}-" + ("morl" if mu == [0.5, 0.5] else f"morl-mu{mu[1]:g}")
+def morl_stage_name(mu: list[float], replicate: int = 0) -> str:
+    """The stage (and timing) name of a MORL run: "r0-morl" for the demo's mu = [0.5, 0.5]."""
+    return f"r{replicate}-" + ("morl" if mu == [0.5, 0.5] else f"morl-mu{mu[1]:g}")
 
 
 def front_config(out: Path, out_dir: Path, experts: list[Path], init: Path, morl: list[tuple[list[float], Path]],
                  points: int = 11, profile: str = "default") -> dict:
-    """An `rs front` config over the seed-0 experts, the init and several MORL models (mu, path)."""
-    _, _, front = _builders(out, 0, profile, None)
+    """An `rs front` config over replicate 0's experts, its init and several MORL models (mu, path)."""
+    _, _, front = _builders(out / "rep0", 0, profile, None)
     config = front(out_dir, experts, init, None, points)
     config["front"]["morl"] = [{"path": str(p), "mu": mu, "name": f"morl mu={mu[1]:g}"} for mu, p in morl]
     return config

@@ -2,7 +2,7 @@
 
     python -m rs_lightning.demo.front_quality [--out runs/demo] [--quick]
 
-Reuses the captioning demo's stages under `<out>/captioning` (init, the seed-0 experts, MORL at mu = 0.5),
+Reuses the captioning demo's replicate-0 stages under `<out>/captioning` (init, experts, MORL at mu = 0.5),
 trains the missing MORL runs (mu = weight of ROUGE-L in 0.1, 0.2, 0.3, 0.7, 0.8, 0.9; about 2 minutes each
 on 2 cores), evaluates every model in one `rs front` sweep (`<out>/captioning/front_quality/`), and scores
 each method's set of points with the same fixed normalisation (both metrics in [0, 1]) and reference point:
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from rs_lightning.demo import captioning
-from rs_lightning.demo.pipeline import Stage, load_timings, run_stages, sweep
+from rs_lightning.demo.pipeline import Stage
+from rs_lightning.demo.runner import load_timings, run_stages
 from rs_lightning.front.metrics import hypervolume, igd_plus, pareto_mask
 from rs_lightning.soup.atomic import atomic_file
 
@@ -42,7 +43,7 @@ def _mu(m: float) -> list[float]:
 
 def plan(out: Path, *, profile: str = "default", points: int = 11) -> list[Stage]:
     """The demo's seed-0 trainings, every MORL run of MORL_SETS, and one sweep evaluating them all."""
-    demo = [s for s in captioning.plan(out, seeds=[0], profile=profile) if s.kind != "front"]
+    demo = [s for s in captioning.plan(out, replicates=1, profile=profile) if s.kind != "front"]
     init = next(s for s in demo if s.kind == "init")
     experts = [s.output for s in demo if s.kind == "expert"]
     mus = sorted({m for ms in MORL_SETS.values() for m in ms})
@@ -51,7 +52,8 @@ def plan(out: Path, *, profile: str = "default", points: int = 11) -> list[Stage
     sweep_dir = out / "front_quality"
     config = captioning.front_config(out, sweep_dir, experts, init.output, [(s.mu, s.output) for s in morl],
                                      points=points, profile=profile)
-    stages.append(Stage("front-quality", "front", sweep_dir / "summary.json", config, sweep, trains=False))
+    stages.append(Stage("front-quality", "front", sweep_dir / "summary.json", config,
+                        [s.name for s in stages], trains=False))
     return stages
 
 
@@ -64,7 +66,7 @@ def score(rows: list[dict], rewards: list[str], timings: dict | None = None) -> 
     prefs = np.array([[1.0 - i / (N_PREFERENCES - 1), i / (N_PREFERENCES - 1)] for i in range(N_PREFERENCES)])
     morl_rows = {round(row["mu"][1], 6): i for i, row in enumerate(rows) if row["kind"] == "morl"}
     rs = [i for i, row in enumerate(rows) if row["kind"] in ("expert", "soup")]
-    methods = {"RS (11 soups of 2 experts)": (rs, 2, "seed0-bleu1 seed0-rouge_l")}
+    methods = {"RS (11 soups of 2 experts)": (rs, 2, "r0-expert-bleu1 r0-expert-rouge_l")}
     for n, ms in MORL_SETS.items():
         missing = [m for m in ms if round(m, 6) not in morl_rows]
         if missing:
@@ -122,9 +124,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="the demo's quick profile (tiny runs: checks the pipeline)")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate every stage")
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)  # as `rs demo`: the tiny captioner's ops are too small to split across threads
     out = Path(args.out) / ("captioning-quick" if args.quick else "captioning")
     result = run(out, profile="quick" if args.quick else "default", force=args.force)
     print(format_table(result))

@@ -1,88 +1,152 @@
-"""The demo's closing report: rewards of every policy, hypervolumes, LMC gaps, the trade-off checks, compute.
+"""The demo's closing report: every figure per replicate with its bootstrap interval, pooled across replicates.
 
-The trade-off check is the one the method needs to be worth showing: each expert beats the other on its
-own reward by more than the spread between two training seeds of that expert, and the two endpoints of
-the sweep differ. A check that fails is printed as such; the demo reports what it sees.
+Two sources of noise, two intervals:
+- within a replicate, the test set: each sweep's summary.json carries paired-bootstrap intervals over the test
+  examples (front/uncertainty.py) for every point's rewards, the hypervolumes and their differences, the LMC
+  gaps and the experts' margins;
+- across replicates, training: each replicate has its own init, seeds, experts, MORL and sweep, so the spread of
+  a figure across replicates is its training noise. The pooled figure is the mean over replicates with a
+  Student-t 95 % interval (R - 1 degrees of freedom; none with one replicate).
+
+Every verdict is read off an interval: "above" / "below" when it excludes 0, else "indistinguishable at 95 %".
+A claim is only as strong as its interval; the report never prints one without it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+from rs_lightning.demo.runner import load_timings
 from rs_lightning.front.rows import read_rows
+from rs_lightning.front.uncertainty import verdict
+
+LEVEL = 0.95
 
 
-def _rows_by_name(front_dir: Path) -> dict[str, dict]:
-    path = front_dir / "front.jsonl"
-    return {row["name"]: row for row in read_rows(path)} if path.exists() else {}
+def across_replicates(values: list[float], level: float = LEVEL) -> dict:
+    """Mean over replicates with a Student-t interval: {"value", "low", "high", "n", "per_replicate"}."""
+    n = len(values)
+    mean = sum(values) / n
+    out = {"value": mean, "low": None, "high": None, "n": n, "per_replicate": values}
+    if n >= 2:
+        from scipy.stats import t
+
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+        out.update(low=mean - half, high=mean + half)
+    return out
 
 
-def _fmt(value) -> str:
-    return "   n/a" if value is None else f"{value:+.3f}"
+def _interval(entry: dict | None) -> dict | None:
+    return None if entry is None else {k: entry.get(k) for k in ("value", "low", "high")}
 
 
-def build_report(out: Path, rewards: list[str], seeds: list[int]) -> dict:
-    """Collect the numbers the report prints (also written to `<out>/report.json`)."""
-    summary = json.loads((out / "front" / "summary.json").read_text())
-    rows = _rows_by_name(out / "front")
-    policies = []
-    for label, key in [("init", "init"), *[(f"expert {r} (seed {seeds[0]})", r) for r in rewards],
-                       ("soup lam=0.5", "lam=0.5"), ("MORL mu=0.5", "morl")]:
-        if key in rows:
-            policies.append({"policy": label, "rewards": rows[key]["rewards"]})
-    spread = {}
-    for seed in seeds[1:]:
-        other = _rows_by_name(out / f"front_seed{seed}")
-        for r in rewards:
-            if r in other:
-                policies.append({"policy": f"expert {r} (seed {seed})", "rewards": other[r]["rewards"]})
-                spread[r] = abs(other[r]["rewards"][r] - rows[r]["rewards"][r])
-    checks = []
-    for i, r in enumerate(rewards):
-        o = rewards[1 - i] if len(rewards) == 2 else None
-        if o is None or r not in rows or o not in rows:
+def replicate_figures(front_dir: Path, rewards: list[str]) -> dict:
+    """One replicate's numbers from its sweep (summary.json with `uncertainty`, and the rows)."""
+    summary = json.loads((front_dir / "summary.json").read_text())
+    rows = {row["name"]: row for row in read_rows(front_dir / "front.jsonl")}
+    unc = summary.get("uncertainty") or {}
+    points = unc.get("points", {})
+    policies = {}
+    for label, name in [("init", "init"), *[(f"expert {r}", r) for r in rewards], ("soup lam=0.5", "lam=0.5"),
+                        ("MORL mu=0.5", "morl")]:
+        if name in rows:
+            policies[label] = {r: {"value": rows[name]["rewards"].get(r), **(_interval(points.get(name, {}).get(r))
+                                                                         or {})} for r in rewards}
+    hv = unc.get("hypervolume", {})
+    figures = {"hv_" + g: _interval(hv.get(g)) for g in ("rs", "morl", "experts", "init", "rs_minus_morl",
+                                                          "rs_minus_init")}
+    for r, gap in unc.get("lmc", {}).items():
+        figures[f"lmc_mean_{r}"] = _interval(gap.get("mean"))
+        figures[f"lmc_min_{r}"] = _interval(gap.get("min"))
+    margins = unc.get("expert_margins", {})
+    for r in rewards:
+        m = margins.get(r, {})
+        figures[f"gain_over_init_{r}"] = _interval(m.get("vs_init"))
+        for other, interval in (m.get("vs_others") or {}).items():
+            figures[f"tradeoff_{r}_vs_{other}"] = _interval(interval)
+    return {"front": str(front_dir), "policies": policies, "figures": {k: v for k, v in figures.items() if v},
+            "selection": summary.get("selection", {}), "n_examples": unc.get("n_examples"),
+            "bootstrap": {k: unc.get(k) for k in ("method", "n_boot", "level")}}
+
+
+# (figure key pattern, the sentence's subject, positive verdict, negative verdict)
+CLAIMS = [
+    ("hv_rs_minus_morl", "hypervolume RS - MORL", "RS above MORL", "RS below MORL"),
+    ("hv_rs_minus_init", "hypervolume RS - init", "RS above the init", "RS below the init"),
+    ("lmc_mean_{r}", "LMC gap on {r}, mean over lambda", "above the chord", "below the chord"),
+    ("lmc_min_{r}", "LMC gap on {r}, worst lambda", "above the chord", "below the chord"),
+    ("gain_over_init_{r}", "{r} expert - init, on {r}", "the expert beats the init", "the expert is below the init"),
+    ("tradeoff_{r}_vs_{o}", "{r} expert - {o} expert, on {r}", "trade-off holds", "trade-off reversed"),
+]
+
+
+def build_report(out: Path, rewards: list[str], replicates: int) -> dict:
+    """Collect the per-replicate and pooled figures and their verdicts (also written to `<out>/report.json`)."""
+    reps = [replicate_figures(out / f"rep{r}" / "front", rewards) for r in range(replicates)]
+    pooled, claims = {}, []
+    keys = []
+    for pattern, subject, pos, neg in CLAIMS:
+        for r in rewards if "{r}" in pattern else [None]:
+            for o in [o for o in rewards if o != r] if "{o}" in pattern else [None]:
+                keys.append((pattern.format(r=r, o=o), subject.format(r=r, o=o), pos, neg))
+    for key, subject, pos, neg in keys:
+        per_rep = [rep["figures"].get(key) for rep in reps]
+        if any(v is None for v in per_rep):
             continue
-        margin = rows[r]["rewards"][r] - rows[o]["rewards"][r]
-        checks.append({"reward": r, "expert": r, "other": o, "margin": margin, "seed_spread": spread.get(r),
-                       "passes": margin > spread.get(r, 0.0)})
-    endpoints_differ = any(abs(rows[rewards[0]]["rewards"][k] - rows[rewards[1]]["rewards"][k]) > 1e-6
-                           for k in rewards) if all(r in rows for r in rewards) else False
-    stages = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
-    trainings = [s for s in stages.values() if s.get("trains")]
+        pooled[key] = across_replicates([v["value"] for v in per_rep])
+        verdicts = [verdict(v, pos, neg, level=LEVEL) for v in per_rep]
+        claims.append({
+            "figure": key, "subject": subject, "labels": [pos, neg], "per_replicate": per_rep,
+            "per_replicate_verdicts": verdicts, "pooled": pooled[key],
+            "pooled_verdict": verdict(pooled[key], pos, neg, level=LEVEL) if pooled[key]["low"] is not None
+            else "one replicate: no interval across replicates",
+            "holds_in_every_replicate": all(v == pos for v in verdicts),
+        })
+    policies = {}
+    for label in reps[0]["policies"]:
+        policies[label] = {r: across_replicates([rep["policies"][label][r]["value"] for rep in reps
+                                                 if label in rep["policies"]]) for r in rewards}
+    timings = load_timings(out)
+    trainings = [s for s in timings.values() if s.get("trains")]
     return {
-        "rewards": rewards, "policies": policies, "hypervolume": summary.get("hypervolume", {}),
-        "lmc": summary.get("lmc", {}).get("per_reward", {}), "tradeoff_checks": checks,
-        "endpoints_differ": endpoints_differ,
+        "rewards": rewards, "replicates": reps, "pooled_policies": policies, "claims": claims,
+        "intervals": {"within_replicate": reps[0]["bootstrap"], "across_replicates":
+                      f"Student t, {int(LEVEL * 100)} %, over {replicates} replicate means"},
         "compute": {"trainings": len(trainings),
-                    "training_minutes": round(sum(s.get("seconds") or 0 for s in trainings) / 60, 2),
-                    "all_stage_minutes": round(sum(s.get("seconds") or 0 for s in stages.values()) / 60, 2)},
-        "outputs": {"front": str(out / "front" / "front.png"), "summary": str(out / "front" / "summary.json")},
+                    "training_cpu_minutes": round(sum(s.get("cpu_seconds") or 0 for s in trainings) / 60, 2),
+                    "all_stage_wall_minutes": round(sum(s.get("seconds") or 0 for s in timings.values()) / 60, 2)},
+        "outputs": {f"rep{r}": str(out / f"rep{r}" / "front") for r in range(replicates)},
     }
 
 
+def _cell(entry: dict) -> str:
+    if entry.get("value") is None:
+        return "n/a"
+    if entry.get("low") is None:
+        return f"{entry['value']:+.3f}"
+    return f"{entry['value']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+
+
 def format_report(report: dict) -> str:
-    rewards = report["rewards"]
-    width = max(len(p["policy"]) for p in report["policies"]) + 2
-    lines = ["", "policy".ljust(width) + "".join(f"{r:>12}" for r in rewards)]
-    for p in report["policies"]:
-        lines.append(p["policy"].ljust(width) + "".join(f"{_fmt(p['rewards'].get(r)):>12}" for r in rewards))
-    hv = report["hypervolume"]
+    rewards, reps = report["rewards"], report["replicates"]
+    width = max(len(p) for p in report["pooled_policies"]) + 2
+    lines = ["", f"test rewards: mean over {len(reps)} replicate(s) [95 % t-interval across replicates]",
+             "policy".ljust(width) + "".join(f"{r:>28}" for r in rewards)]
+    for label, per_reward in report["pooled_policies"].items():
+        lines.append(label.ljust(width) + "".join(f"{_cell(per_reward[r]):>28}" for r in rewards))
     lines.append("")
-    lines.append(f"hypervolume (normalised): RS front {hv.get('rs', float('nan')):.3f} (2 trainings), "
-                 f"MORL {hv.get('morl', float('nan')):.3f} (1 training, 1 preference), "
-                 f"experts alone {hv.get('experts', float('nan')):.3f}")
-    for r, gap in report["lmc"].items():
-        low, mean = gap.get("min", float("nan")), gap.get("mean", float("nan"))
-        lines.append(f"LMC gap on {r}: min {low:+.3f}, mean {mean:+.3f} (> 0: the soups lie above the chord)")
-    for c in report["tradeoff_checks"]:
-        spread = "n/a (one seed)" if c["seed_spread"] is None else f"{c['seed_spread']:.3f}"
-        verdict = "yes" if c["passes"] else "NO"
-        lines.append(f"trade-off: the {c['expert']} expert beats the {c['other']} expert on {c['reward']} by "
-                     f"{c['margin']:+.3f}; seed spread {spread}; beyond the spread: {verdict}")
-    lines.append(f"sweep endpoints differ: {'yes' if report['endpoints_differ'] else 'NO'}")
+    lines.append("claims: per replicate value [95 % bootstrap over test examples] -> verdict; then pooled")
+    for c in report["claims"]:
+        per = "; ".join(f"r{i} {_cell(v)} {v_}" for i, (v, v_) in enumerate(zip(c["per_replicate"],
+                                                                               c["per_replicate_verdicts"])))
+        lines.append(f"- {c['subject']}: {per}")
+        lines.append(f"    pooled {_cell(c['pooled'])}: {c['pooled_verdict']}"
+                     f"{'' if c['holds_in_every_replicate'] else ' (not in every replicate)'}")
     comp = report["compute"]
-    lines.append(f"compute: {comp['trainings']} trainings, {comp['training_minutes']:.1f} min of training, "
-                 f"{comp['all_stage_minutes']:.1f} min for all stages run now")
-    lines.append(f"outputs: {report['outputs']['front']}, {report['outputs']['summary']}")
+    lines.append(f"compute: {comp['trainings']} trainings, {comp['training_cpu_minutes']:.1f} CPU min of training, "
+                 f"{comp['all_stage_wall_minutes']:.1f} min of stage wall time (stages ran concurrently)")
+    lines.append("fronts: " + ", ".join(f"{k}/front.png" for k in report["outputs"].values()))
     return "\n".join(lines)

@@ -1,22 +1,23 @@
 """The text family of `rs demo`: SmolLM2-135M-Instruct + LoRA, VADER positivity vs MiniLM relevance.
 
-Stages (the offline review task of configs/text/review_*.yaml, settings of the feasibility study):
-  init        the shared theta_0: SmolLM2 with a fresh LoRA (seeded, identical for every run), exported
-  expert x2   PPO on one reward each (mu one-hot), for every seed (seed 0 and 1 by default: the spread)
-  morl        PPO on 0.5 vader + 0.5 relevance (seed 0), the baseline one training per preference buys
-  front       11 soups of the seed-0 experts + init + MORL, in place, every reward, summary and front.png
-  spread      the seed-1 experts evaluated the same way (endpoints only), to measure the seed spread
+Stages of each replicate r (the offline review task of configs/text/review_*.yaml; seed = first seed + r):
+  init        the replicate's theta_0: SmolLM2 with a fresh LoRA (lora_init_seed = seed), exported untrained
+  expert x2   PPO on one reward each (mu one-hot)
+  morl        PPO on 0.5 vader + 0.5 relevance, the baseline one training per preference buys
+  front       the soups of the two experts + init + MORL, in place, every reward, summary and front.png
 The "quick" profile swaps in the tiny random model and a few iterations: the same pipeline in a minute.
+`python -m rs_lightning.demo.text export-init TARGET --config CONFIG` is the init stage's command.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, front_section, method_stages
+from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, front_section, replicate_stages
 
 BASE_CONFIG = CONFIG_ROOT / "text" / "review_vader.yaml"
 REWARDS = ["vader", "relevance"]
@@ -50,6 +51,7 @@ def base_config(profile: str, iterations: int | None) -> dict:
 def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> dict:
     config = copy.deepcopy(base)
     config["seed_everything"] = seed
+    config["model"]["init_args"]["lora_init_seed"] = seed
     config["model"]["init_args"]["reward_weights"] = mu
     trainer = config["trainer"]
     trainer["default_root_dir"] = str(run_dir)
@@ -81,18 +83,29 @@ def export_init(config_path: Path, target: Path) -> None:
     export_expert(cli.model, target)
 
 
-def plan(out: Path, *, seeds: list[int], profile: str = "default", iterations: int | None = None,
+def plan(out: Path, *, replicates: int = 2, seed: int = 0, profile: str = "default", iterations: int | None = None,
          points: int = 11) -> list[Stage]:
-    """The ordered stages of the text demo under `out`."""
+    """The stages of the text demo under `out`; replicate r in out/rep<r>."""
     base = base_config(profile, iterations)
-    init_dir = out / "init" / "expert"
-    init = Stage("init", "init", init_dir, training_config(base, out / "init", seeds[0], [1.0, 0.0]),
-                 lambda path: export_init(path, init_dir), trains=False)
+    stages = []
+    for r in range(replicates):
+        rep, s = out / f"rep{r}", seed + r
+        init_dir = rep / "init" / "expert"
+        init = Stage(f"r{r}-init", "init", init_dir, training_config(base, rep / "init", s, [1.0, 0.0]),
+                     seed=s, replicate=r, trains=False,
+                     command=[sys.executable, "-m", "rs_lightning.demo.text", "export-init", str(init_dir)])
 
-    def train(run_dir: Path, seed: int, mu: list[float]) -> tuple[dict, Path]:
-        return training_config(base, run_dir, seed, mu), run_dir / "expert"
+        def train(run_dir: Path, seed: int, mu: list[float]) -> tuple[dict, Path]:
+            return training_config(base, run_dir, seed, mu), run_dir / "expert"
 
-    def front(out_dir, experts, init_path, morl, n):
-        return front_config(base, out_dir, experts, init_path, morl, n)
+        def front(out_dir, experts, init_path, morl, n):
+            return front_config(base, out_dir, experts, init_path, morl, n)
 
-    return method_stages(out, seeds, REWARDS, init, train, front, points)
+        stages += replicate_stages(rep, r, s, REWARDS, init, train, front, points)
+    return stages
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] != "export-init" or sys.argv[3] != "--config":
+        sys.exit("usage: python -m rs_lightning.demo.text export-init TARGET --config CONFIG")
+    export_init(Path(sys.argv[4]), Path(sys.argv[2]))

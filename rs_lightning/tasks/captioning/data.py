@@ -48,7 +48,9 @@ class CaptionDataModule(LightningDataModule):
         num_train, num_val, num_test: split sizes (synthetic) or caps (COCO, None: all).
         batch_size: training images per batch (SCST samples k captions per image on top).
         eval_batch_size: images per validation/test/predict batch.
-        seed: the synthetic set's seed and the training shuffle's.
+        seed: the synthetic set's seed (which images and captions exist), and the training shuffle's unless
+            `shuffle_seed` is given.
+        shuffle_seed: seed of the training order alone (replicates: same data, another order).
         image_size: synthetic images are rendered at this size (then resized by the preprocess).
         captions_per_image: synthetic references per image.
         max_shapes: synthetic shapes per scene (1 or 2).
@@ -69,6 +71,7 @@ class CaptionDataModule(LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 50,
         seed: int = 0,
+        shuffle_seed: int | None = None,
         image_size: int = 64,
         captions_per_image: int = 5,
         max_shapes: int = 2,
@@ -117,7 +120,8 @@ class CaptionDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        generator = torch.Generator().manual_seed(hp.seed) if shuffle else None
+        order_seed = hp.seed if hp.shuffle_seed is None else hp.shuffle_seed
+        generator = torch.Generator().manual_seed(order_seed) if shuffle else None
         return DataLoader(self.dataset(split), batch_size=hp.batch_size if split == "train" else hp.eval_batch_size,
                           shuffle=shuffle, generator=generator, collate_fn=collate, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0)

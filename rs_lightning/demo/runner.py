@@ -1,0 +1,202 @@
+"""Run a graph of demo stages concurrently, each in a process of its own, with one log file per stage.
+
+    timings = run_stages(stages, out, workers=2, threads=1)
+
+A stage is a command (`rs fit --config ...`, `rs front --config ...`) with the names of the stages it needs.
+Up to `workers` stages run at once, each a subprocess with `threads` OpenMP/torch threads, its output going to
+`<out>/logs/<stage>.log`. A stage whose output already exists is reused (outputs are written atomically, so a
+killed demo loses only the stages in flight, and the next run resumes with everything finished). A failed
+stage stops its dependants, never its independent siblings; the run then raises with the log paths.
+
+The console shows a line when a stage starts or ends and, every `status_every` seconds, one line per running
+stage with its progress (the last percentage its progress bar printed). Per-stage wall seconds and CPU seconds
+(the child's own user + system time, from `os.wait4`) go to `<out>/stages.json`, written by this process only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rs_lightning.soup.atomic import atomic_file
+
+LOG_DIR = "logs"
+TIMINGS_FILE = "stages.json"
+_PERCENT = re.compile(rb"(\d{1,3})%\|")
+
+
+class StageFailed(RuntimeError):
+    """One or more stages exited with an error (the message names them and their logs)."""
+
+
+def load_timings(out: Path) -> dict:
+    path = Path(out) / TIMINGS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def default_workers(threads: int) -> int:
+    """cores // threads per stage, at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, threads))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def _progress(log: Path) -> str:
+    """The last tqdm percentage in a log (read from its tail), or '' when none was printed yet."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - 4096))
+            hits = _PERCENT.findall(f.read())
+    except OSError:
+        return ""
+    return f"{int(hits[-1])}%" if hits else ""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the runner dies, even of SIGKILL, so a killed
+    demo leaves no orphan training behind (elsewhere this is a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Running:
+    def __init__(self, stage, proc: subprocess.Popen, log: Path, handle):
+        self.stage, self.proc, self.log, self.handle = stage, proc, log, handle
+        self.start = time.perf_counter()
+
+    def reap(self) -> tuple[int, float] | None:
+        """(exit code, CPU seconds of the child) once it has exited, else None."""
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.handle.close()
+        return self.proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int | None = None, threads: int = 1,
+               status_every: float = 30.0, log: Callable[[str], None] = print) -> dict:
+    """Run every unfinished stage, respecting `stage.needs`; return {stage name: timing entry}.
+
+    Args:
+        stages: objects with `name`, `kind`, `output` (Path), `needs` (names), `argv(config_path)`,
+            `config` (dict written to `<out>/configs/<name>.yaml`), `trains`, `seed`, `mu`, `replicate`.
+        out: the demo folder (configs/, logs/ and stages.json go here).
+        force: rerun stages whose output exists.
+        workers: stages at once (default: cores // threads).
+        threads: OMP_NUM_THREADS of each stage's process.
+        status_every: seconds between progress lines while stages run.
+        log: where the console lines go.
+
+    Raises:
+        StageFailed: some stage exited non-zero or wrote no output (its dependants did not run).
+        ValueError: duplicate names or a dependency on an unknown stage (before anything runs).
+    """
+    import yaml
+
+    out = Path(out)
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate stage names: {sorted({n for n in names if names.count(n) > 1})}")
+    unknown = {d for s in stages for d in s.needs} - set(names)
+    if unknown:
+        raise ValueError(f"stages depend on unknown stages {sorted(unknown)}")
+    workers = workers or default_workers(threads)
+    timings = load_timings(out)
+    done, failed, blocked = set(), {}, set()
+    pending = []
+    for s in stages:
+        if s.output.exists() and not force:
+            log(f"  reused   {s.kind:<6} {s.name} (finished earlier: {s.output})")
+            timings.setdefault(s.name, {"seconds": None})["reused"] = True
+            done.add(s.name)
+        else:
+            pending.append(s)
+    (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    running: list[_Running] = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    last_status = time.perf_counter()
+    total = len(stages)
+
+    def save():
+        with atomic_file(out / TIMINGS_FILE) as f:
+            json.dump(timings, f, indent=2)
+
+    try:
+        while pending or running:
+            for s in [s for s in pending if any(d in failed or d in blocked for d in s.needs)]:
+                pending.remove(s)
+                blocked.add(s.name)
+                log(f"  skipped  {s.kind:<6} {s.name}: a stage it needs failed")
+            ready = [s for s in pending if all(d in done for d in s.needs)]
+            while ready and len(running) < workers:
+                s = ready.pop(0)
+                pending.remove(s)
+                config_path = out / "configs" / f"{s.name}.yaml"
+                with atomic_file(config_path) as f:
+                    yaml.safe_dump(s.config, f, sort_keys=False)
+                log_path = out / LOG_DIR / f"{s.name}.log"
+                argv = s.argv(config_path)
+                handle = open(log_path, "wb")
+                handle.write(("$ " + " ".join(argv) + "\n").encode())
+                handle.flush()
+                proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                running.append(_Running(s, proc, log_path, handle))
+                log(f"  started  {s.kind:<6} {s.name} (log: {log_path})")
+            time.sleep(0.2)
+            for r in list(running):
+                result = r.reap()
+                if result is None:
+                    continue
+                running.remove(r)
+                code, cpu = result
+                seconds = time.perf_counter() - r.start
+                s = r.stage
+                if code != 0 or not s.output.exists():
+                    why = f"exit code {code}" if code != 0 else f"no output {s.output}"
+                    failed[s.name] = f"{why}; log: {r.log}"
+                    log(f"  FAILED   {s.kind:<6} {s.name} after {_minutes(seconds)}: {why}; see {r.log}")
+                    continue
+                done.add(s.name)
+                timings[s.name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "reused": False,
+                                   "kind": s.kind, "trains": s.trains, "seed": s.seed, "mu": s.mu,
+                                   "replicate": s.replicate}
+                save()
+                log(f"  finished {s.kind:<6} {s.name} in {_minutes(seconds)} ({len(done)}/{total} done)")
+            if running and time.perf_counter() - last_status >= status_every:
+                last_status = time.perf_counter()
+                parts = [f"{r.stage.name} {_progress(r.log) or '…'} {_minutes(time.perf_counter() - r.start)}"
+                         for r in running]
+                log(f"  running: {'; '.join(parts)} ({len(done)}/{total} done)")
+    except BaseException:
+        for r in running:  # a killed demo takes its stages with it; their outputs were never written
+            r.proc.terminate()
+        for r in running:
+            try:
+                r.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+            r.handle.close()
+        raise
+    if failed:
+        lines = "\n".join(f"  {name}: {why}" for name, why in failed.items())
+        raise StageFailed(f"{len(failed)} stage(s) failed ({len(blocked)} not run because of them):\n{lines}")
+    return timings
+
+
+def rs_command(*args: str) -> list[str]:
+    """argv of an `rs` subcommand run with this interpreter."""
+    return [sys.executable, "-m", "rs_lightning.cli", *args]
