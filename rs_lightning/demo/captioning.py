@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, front_section, replicate_stages
+from rs_lightning.demo.pipeline import CONFIG_ROOT, PROGRESS_BAR, Stage, front_section, replicate_stages
 
 REWARDS = ["bleu1", "rouge_l"]
 NADIR, IDEAL = [0.0, 0.0], [1.0, 1.0]  # both metrics live in [0, 1]
@@ -59,7 +59,8 @@ def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | Non
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                          "init_args": {"save_dir": str(run_dir), "name": "logs"}}
     trainer["callbacks"] = [{"class_path": "rs_lightning.tasks.captioning.export.ExportCaptioner",
-                             "init_args": {"path": str(output)}}]
+                             "init_args": {"path": str(output)}},
+                            PROGRESS_BAR]
     trainer["enable_progress_bar"] = True
     trainer["enable_model_summary"] = False
     if epochs is not None:

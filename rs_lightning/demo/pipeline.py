@@ -19,6 +19,9 @@ from pathlib import Path
 from rs_lightning.demo.runner import rs_command
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+# A stage's log is a file, not a terminal: Rich's bar (Lightning's default when rich is installed) prints nothing
+# there, tqdm prints "NN%|" lines that the runner reads back as the stage's progress.
+PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}
 
 
 @dataclass

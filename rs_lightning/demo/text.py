@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, Stage, front_section, replicate_stages
+from rs_lightning.demo.pipeline import CONFIG_ROOT, PROGRESS_BAR, Stage, front_section, replicate_stages
 
 BASE_CONFIG = CONFIG_ROOT / "text" / "review_vader.yaml"
 REWARDS = ["vader", "relevance"]
@@ -58,7 +58,8 @@ def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> di
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                          "init_args": {"save_dir": str(run_dir), "name": "logs"}}
     trainer["callbacks"] = [{"class_path": "rs_lightning.tasks.text.export.ExportExpert",
-                             "init_args": {"dirpath": str(run_dir / "expert")}}]
+                             "init_args": {"dirpath": str(run_dir / "expert")}},
+                            PROGRESS_BAR]
     trainer["enable_progress_bar"] = True
     trainer["enable_model_summary"] = False
     return config
