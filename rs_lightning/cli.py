@@ -53,13 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         run_lightning_cli([command, *rest])
         return 0
     if command in OUR_SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"rs_lightning.commands.{command}")
-        except ModuleNotFoundError as err:
-            if err.name == f"rs_lightning.commands.{command}":
-                print(f"rs: '{command}' is not built yet in this version", file=sys.stderr)
-                return 2
-            raise
+        module = importlib.import_module(f"rs_lightning.commands.{command}")
         return int(module.main(rest) or 0)
     print(f"rs: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
     return 2

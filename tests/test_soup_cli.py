@@ -114,7 +114,7 @@ def test_errors_exit_2_without_traceback(tmp_path, full_experts, capsys, case, m
         "count": [a, b, "--weights", 0.3, 0.3, 0.4, *out],
         "sum": [a, b, "--weights", 0.5, 0.4, *out],
         "negative": [a, b, "--weights", -0.5, 1.5, *out],
-        "exists": [a, b, "--weights", 0.5, 0.5, "--out", a.parent],
+        "exists": [a, b, "--weights", 0.5, 0.5, "--out", tmp_path / "taken"],
         "mode": [a, b, "--weights", 0.5, 0.5, "--mode", "delta", *out],
         "base": [a, b, "--weights", 0.5, 0.5, "--base", a, *out],
         "lam": [a, b, a, "--lam", 0.5, *out],
@@ -124,6 +124,7 @@ def test_errors_exit_2_without_traceback(tmp_path, full_experts, capsys, case, m
     }[case]
     if case == "keys":
         save_file(state(1) | {"extra": torch.ones(1)}, tmp_path / "x.safetensors")
+    (tmp_path / "taken").mkdir()
     assert rs(*args) == 2
     err = capsys.readouterr().err
     assert err.startswith("rs soup: error: ") or (case == "argparse" and "rs soup: error: " in err), err

@@ -115,8 +115,8 @@ def test_ckpt_foreign_objects_never_run_their_code(tmp_path):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"x": Evil()}}, tmp_path / "evil.ckpt")
-    with pytest.raises(SoupError, match="evil.ckpt: cannot be loaded with torch.load"):
-        open_source(tmp_path / "evil.ckpt")  # torch blocks `posix` outright
+    with pytest.raises(SoupError, match="evil.ckpt pickles a call to posix.system, which no checkpoint needs"):
+        open_source(tmp_path / "evil.ckpt")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -246,7 +246,7 @@ def test_overwrite_rules_and_failed_overwrite_keeps_old(tmp_path, monkeypatch):
     merge_files(paths, [1.0, 0.0], tmp_path / "out")
     with pytest.raises(FileExistsError, match="out"):
         merge_files(paths, [0.0, 1.0], tmp_path / "out")
-    with pytest.raises(SoupError, match="also a source"):
+    with pytest.raises(SoupError, match="out_dir .* is the input .*out: writing there would overwrite"):
         merge_files([tmp_path / "out", paths[1]], [0.5, 0.5], tmp_path / "out", overwrite=True)
     fail_after_first_shard(monkeypatch)
     with pytest.raises(RuntimeError):

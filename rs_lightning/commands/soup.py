@@ -9,8 +9,11 @@ transformers and Lightning are not needed), so the command starts fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +36,10 @@ examples:
   rs soup expert_a/ expert_b/ --weights 0.7 0.3 --out soup/
   rs soup a.ckpt b.ckpt --lam 0.5 --prefix policy. --dtype bfloat16 --out soup/
   rs soup lora_a/ lora_b/ lora_c/ --weights 0.2 0.3 0.5 --mode factors --out lora_soup/
-  rs soup lora_a/ lora_b/ --weights 0.5 0.5 --mode delta --base base_model/ --out merged/"""
+  rs soup lora_a/ lora_b/ --weights 0.5 0.5 --mode delta --base base_model/ --out merged/
+
+exit status: 0 written; 2 bad arguments, sources or output location (nothing written); 1 the machine
+failed the write (disk full, I/O error: nothing left behind); 130 interrupted."""
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -45,14 +51,26 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
     unit = (m.group(2) or "b").lower()
     if unit == "b":
-        return int(float(m.group(1)))
+        size = int(float(m.group(1)))
+        if size <= 0:
+            raise argparse.ArgumentTypeError(f"the shard size must be > 0 bytes, got {text!r}")
+        return size
     power = "kmgt".index(unit[0]) + 1
     base = 1024 if "i" in unit else 1000
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"the shard size must be > 0 bytes, got {text!r}")
+    return size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, like every other `rs soup` error (argparse would print the whole usage block first).
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rs soup", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="checkpoints or adapter folders, in weight order")
@@ -75,32 +93,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=Path, metavar="BASE_MODEL_DIR",
                    help="LoRA adapters only: merge the adapter soup into this base model and write full weights "
                         "(with --mode delta this is exactly sum_i w_i theta_i of the experts merged into the base)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="soup sources holding NaN/inf (refused by default, naming the key and the file)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: on for merges reading more than 1 GiB)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `rs soup`; return the exit code (0 ok, 2 bad arguments or sources)."""
+    """Run `rs soup`; return the exit code (see EPILOG): every failure is one line on stderr, no traceback."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or argparse's own "rs soup: error: ..." (already printed)
         return int(exit_.code or 0)
+    from rs_lightning.soup.atomic import RESOURCE_ERRNOS
     from rs_lightning.soup.errors import SoupError
 
     try:
-        print(run(args))
-    except (SoupError, FileNotFoundError, FileExistsError) as err:
-        print(f"rs soup: error: {err}", file=sys.stderr)
-        return 2
+        with _terminate_cleanly():
+            print(run(args))
+    except (SoupError, FileExistsError) as err:
+        return _error(err, 2)
+    except OSError as err:
+        # The writers name the output in the message; strip the "[Errno N]" prefix OSError adds.
+        text = str(err).split("] ", 1)[-1] if str(err).startswith("[Errno") else str(err)
+        return _error(text, 1 if err.errno in RESOURCE_ERRNOS else 2)
+    except MemoryError:
+        return _error("out of memory (a streaming merge holds ~(K+1) x the largest tensor; --base holds the base)", 1)
+    except KeyboardInterrupt:
+        return _error("interrupted (nothing was written)", 130)  # SIGINT, or SIGTERM (see _terminate_cleanly)
     return 0
 
 
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """SIGTERM (`kill`, a scheduler's timeout) becomes an exception, so the temporary output is removed on the
+    way out; Python's default would die on the spot. Only SIGKILL leaves one, which the next run cleans."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error(err, code: int) -> int:
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    print(f"rs soup: error: {lines[0]}", file=sys.stderr)
+    return code
+
+
 def run(args: argparse.Namespace) -> str:
-    """Do the soup described by parsed arguments; return the summary line."""
+    """Do the soup described by parsed arguments; return the summary line.
+
+    Everything that can be checked without reading weights is checked first (weights, paths, the output
+    location and its overlap with the inputs); then the output is locked for the whole run.
+    """
     from rs_lightning.soup import io, lora
     from rs_lightning.soup.errors import SoupError
+    from rs_lightning.soup.lock import output_lock
+    from rs_lightning.soup.paths import check_output
+    from rs_lightning.soup.sources import check_input_path
     from rs_lightning.soup.weights import validate_weights
 
     if args.lam is not None:
@@ -110,27 +170,33 @@ def run(args: argparse.Namespace) -> str:
     else:
         weights = args.weights
     weights = validate_weights(weights, len(args.sources), allow_extrapolation=args.allow_extrapolation)
-    for src in args.sources:
-        if not Path(src).exists():
-            raise SoupError(f"no such file or folder: {src}")
+    for src in [*args.sources, *([args.base] if args.base is not None else [])]:
+        check_input_path(Path(src))
+    inputs = [*args.sources, *([args.base] if args.base is not None else [])]
+    check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     is_adapter = [lora.is_peft_adapter_dir(s) for s in args.sources]
     if any(is_adapter) and not all(is_adapter):
-        adapters = [s for s, a in zip(args.sources, is_adapter) if a]
-        full = [s for s, a in zip(args.sources, is_adapter) if not a]
+        adapters = [str(s) for s, a in zip(args.sources, is_adapter) if a]
+        full = [str(s) for s, a in zip(args.sources, is_adapter) if not a]
         raise SoupError(
             f"sources mix PEFT adapter folders ({', '.join(adapters)}) and full weights ({', '.join(full)}): "
             "soup adapters together (optionally with --base), or full checkpoints together"
         )
-    if all(is_adapter):
-        return _adapter_soup(args, weights)
-    if args.mode is not None:
-        raise SoupError("--mode applies to LoRA adapter folders only; these sources are full weights")
-    if args.base is not None:
-        raise SoupError("--base applies to LoRA adapter folders only; these sources are full weights")
-    result = io.merge_files(
-        args.sources, weights, args.out, dtype=args.dtype, allow_extrapolation=args.allow_extrapolation,
-        max_shard_bytes=args.max_shard_size, prefix=args.prefix, overwrite=args.overwrite, progress=args.progress,
-    )
+    if not all(is_adapter):
+        if args.mode is not None:
+            raise SoupError("--mode applies to LoRA adapter folders only; these sources are full weights")
+        if args.base is not None:
+            raise SoupError("--base applies to LoRA adapter folders only; these sources are full weights")
+    elif args.base is None and args.prefix:
+        raise SoupError("--prefix applies to full weights and --base, not to adapter soups")
+    with output_lock(args.out, what="output folder"):
+        if all(is_adapter):
+            return _adapter_soup(args, weights)
+        result = io.merge_files(
+            args.sources, weights, args.out, dtype=args.dtype, allow_extrapolation=args.allow_extrapolation,
+            max_shard_bytes=args.max_shard_size, prefix=args.prefix, overwrite=args.overwrite,
+            progress=args.progress, allow_nonfinite=args.allow_nonfinite,
+        )
     return result.summary()
 
 
@@ -140,23 +206,20 @@ def _adapter_soup(args: argparse.Namespace, weights: list[float]) -> str:
 
     start = time.perf_counter()
     mode = args.mode or "factors"
+    extra = dict(allow_extrapolation=args.allow_extrapolation, allow_nonfinite=args.allow_nonfinite)
     adapters = [lora.load_adapter(s) for s in args.sources]
     dtype = io.parse_dtype(args.dtype)
     info = io.soup_record(args.sources, weights, mode=mode, dtype=args.dtype,
                           allow_extrapolation=args.allow_extrapolation, base=str(args.base) if args.base else None)
     if args.base is None:
-        if args.prefix:
-            raise SoupError("--prefix applies to full weights and --base, not to adapter soups")
-        soup = lora.lora_soup(adapters, weights, mode=mode, allow_extrapolation=args.allow_extrapolation)
+        soup = lora.lora_soup(adapters, weights, mode=mode, **extra)
         if dtype is not None:
-            soup.state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in soup.state_dict.items()}
+            soup.state_dict = _cast(soup.state_dict, dtype, args.allow_nonfinite)
         lora.save_adapter(soup, args.out, overwrite=args.overwrite, extra_json=info)
         n = len(soup.state_dict)
         size = sum(t.numel() * t.element_size() for t in soup.state_dict.values())
         result = io.SaveResult(args.out, [lora.SAFETENSORS_NAME], n, size, time.perf_counter() - start)
         return result.summary(f"LoRA adapter, mode {mode}")
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"output folder already exists: {args.out} (pass --overwrite)")
     with io.open_source(args.base, prefix=args.prefix) as base:
         if base.kind == "peft-adapter":
             raise SoupError(f"--base {args.base} is an adapter folder: give the base model it was trained on")
@@ -164,15 +227,26 @@ def _adapter_soup(args: argparse.Namespace, weights: list[float]) -> str:
         copy_from = base.folder
     if mode == "factors":
         # The paper's soup merged: one adapter from averaged factors, folded into the base with weight 1.
-        adapters = [lora.lora_soup(adapters, weights, mode="factors", allow_extrapolation=args.allow_extrapolation)]
+        adapters = [lora.lora_soup(adapters, weights, mode="factors", **extra)]
         merge_weights = [1.0]
     else:
         merge_weights = weights
-    merged = lora.merge_lora_into_base(base_sd, adapters, merge_weights, allow_extrapolation=args.allow_extrapolation)
+    merged = lora.merge_lora_into_base(base_sd, adapters, merge_weights, **extra)
     if dtype is not None:
-        merged = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.items()}
+        merged = _cast(merged, dtype, args.allow_nonfinite)
     del base_sd
     result = io.save_safetensors(merged, args.out, max_shard_bytes=args.max_shard_size, soup_info=info,
                                  overwrite=args.overwrite, copy_from=copy_from, config_dtype=dtype)
     result.seconds = time.perf_counter() - start
     return result.summary(f"base + LoRA soup, mode {mode}")
+
+
+def _cast(state: dict, dtype, allow_nonfinite: bool) -> dict:
+    """--dtype for adapter soups; a narrowing cast that overflows is refused like a non-finite source."""
+    from rs_lightning.soup.values import check_finite_result
+
+    out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if not allow_nonfinite:
+        for k, v in out.items():
+            check_finite_result(v, k, f" (cast to {str(dtype).removeprefix('torch.')})")
+    return out

@@ -6,6 +6,11 @@ the list of sources; for two experts `lam` is the weight of the second: theta(la
 - `interpolate`: in-place N-way interpolation of state dicts (torch path, Triton kernel on CUDA).
 - `lora_soup`, `merge_lora_into_base`, `load_adapter`, `save_adapter`: LoRA soups ("factors" / "delta").
 - `open_source`, `merge_files`, `save_safetensors`: checkpoint reading, streaming merges, atomic output.
+
+Safety (issue 11): user-named torch files are unpickled only by `ckpt.safe_torch_load` (no pickled code runs);
+outputs are checked before any work (`paths.check_output`: never onto, into or around an input), written
+atomically with pid-tagged temporaries a later run cleans (`atomic`), one writer at a time (`lock.output_lock`);
+complex/float8 tensors and NaN/inf are refused unless allowed (`values`).
 """
 
 from rs_lightning.soup.errors import SoupError

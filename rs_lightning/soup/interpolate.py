@@ -12,6 +12,8 @@ Rules (see README "Weight convention"):
 - non-floating tensors (e.g. BatchNorm's `num_batches_tracked`, integer buffers) cannot be averaged: when
   identical across sources they are copied; otherwise the one from the source with the largest weight
   (the first such source on ties) is taken.
+- refused (see `values.py`): complex and float8-like dtypes, and by default NaN/inf in a source that enters
+  the soup (`allow_nonfinite=True` lets them through).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 from rs_lightning.soup import torch_impl
 from rs_lightning.soup.errors import SoupError
+from rs_lightning.soup.values import check_dtype, check_finite_result, check_finite_sources
 from rs_lightning.soup.weights import validate_weights
 
 IMPLS = ("auto", "torch", "triton")
@@ -36,36 +39,54 @@ def _as_state_dict(obj, what: str) -> Mapping[str, Tensor]:
     raise SoupError(f"{what} must be a state dict (name -> tensor) or an nn.Module, got {type(obj).__name__}")
 
 
-def check_compatible(sources: Sequence[Mapping[str, Tensor]]) -> list[str]:
+def _source_list(sources, what: str = "sources") -> list:
+    if isinstance(sources, (Mapping, nn.Module, str, bytes)) or not isinstance(sources, Sequence):
+        hint = ": wrap a single one in a list" if isinstance(sources, (Mapping, nn.Module)) else ""
+        raise SoupError(f"{what} must be a list of state dicts or modules, got {type(sources).__name__}{hint}")
+    return list(sources)
+
+
+def check_compatible(sources: Sequence[Mapping[str, Tensor]], names: Sequence[str] | None = None) -> list[str]:
     """Check that all sources have the same keys, shapes and dtypes; return the keys in source 0's order.
 
+    Args:
+        sources: the state dicts.
+        names: how each source is named in messages (default "source i").
+
     Raises:
-        SoupError: naming the first offending key and the source index.
+        SoupError: naming the first offending key and the source; also for a non-tensor value and a dtype
+            that cannot be souped (complex, float8: see `values.py`).
     """
+    sources = _source_list(sources)
     if len(sources) == 0:
         raise SoupError("no sources given: a soup needs at least one state dict")
+    names = list(names) if names is not None else [f"source {i}" for i in range(len(sources))]
+    for i, src in enumerate(sources):
+        if not isinstance(src, Mapping):
+            raise SoupError(f"{names[i]} must be a state dict (name -> tensor), got {type(src).__name__}")
     ref = sources[0]
     keys = list(ref.keys())
+    for key in keys:
+        if not isinstance(ref[key], Tensor):
+            raise SoupError(f"key '{key}' of {names[0]} is a {type(ref[key]).__name__}, not a tensor")
+        check_dtype(ref[key].dtype, key, names[0])
     for i, src in enumerate(sources[1:], start=1):
         for key in keys:
             if key not in src:
-                raise SoupError(f"key '{key}' of source 0 is missing from source {i}")
+                raise SoupError(f"key '{key}' of {names[0]} is missing from {names[i]}")
         if len(src) != len(keys):
             extra = next(k for k in src.keys() if k not in ref)
-            raise SoupError(f"key '{extra}' of source {i} is missing from source 0")
+            raise SoupError(f"key '{extra}' of {names[i]} is missing from {names[0]}")
         for key in keys:
             a, b = ref[key], src[key]
             if not isinstance(b, Tensor):
-                raise SoupError(f"key '{key}' of source {i} is a {type(b).__name__}, not a tensor")
+                raise SoupError(f"key '{key}' of {names[i]} is a {type(b).__name__}, not a tensor")
             if a.shape != b.shape:
                 raise SoupError(
-                    f"key '{key}': source {i} has shape {tuple(b.shape)}, source 0 has {tuple(a.shape)}"
+                    f"key '{key}': {names[i]} has shape {tuple(b.shape)}, {names[0]} has {tuple(a.shape)}"
                 )
             if a.dtype != b.dtype:
-                raise SoupError(f"key '{key}': source {i} has dtype {b.dtype}, source 0 has {a.dtype}")
-    for key in keys:
-        if not isinstance(ref[key], Tensor):
-            raise SoupError(f"key '{key}' of source 0 is a {type(ref[key]).__name__}, not a tensor")
+                raise SoupError(f"key '{key}': {names[i]} has dtype {b.dtype}, {names[0]} has {a.dtype}")
     return keys
 
 
@@ -106,6 +127,8 @@ def interpolate(
     out: Mapping[str, Tensor] | nn.Module | None = None,
     allow_extrapolation: bool = False,
     impl: str = "auto",
+    allow_nonfinite: bool = False,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     """Weight-space interpolation theta = sum_i weights[i] * sources[i].
 
@@ -117,15 +140,20 @@ def interpolate(
             None allocates fresh tensors.
         allow_extrapolation: allow negative weights (their sum must still be 1).
         impl: "torch", "triton" or "auto" (Triton for CUDA tensors when triton imports).
+        allow_nonfinite: soup sources holding NaN/inf (refused by default: the soup would hold them too).
+        names: how each source is named in error messages (default "source i").
 
     Returns:
         name -> tensor for every source key: the tensors of `out` that were written, or new tensors.
 
     Raises:
-        SoupError: incompatible sources or `out`, bad weights, or an unusable `impl`.
+        SoupError: incompatible sources or `out`, bad weights, an unusable `impl`, a dtype that cannot be
+            souped, or (unless `allow_nonfinite`) NaN/inf in a source with non-zero weight (checked before
+            anything is written, so a live `out` is left untouched) or in the soup (extrapolation overflow).
     """
-    srcs = [_as_state_dict(s, f"source {i}") for i, s in enumerate(sources)]
-    keys = check_compatible(srcs)
+    srcs = [_as_state_dict(s, f"source {i}") for i, s in enumerate(_source_list(sources))]
+    labels = list(names) if names is not None else [f"source {i}" for i in range(len(srcs))]
+    keys = check_compatible(srcs, labels)
     ws = validate_weights(weights, len(srcs), allow_extrapolation=allow_extrapolation)
     if impl not in IMPLS:
         raise SoupError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -137,6 +165,9 @@ def interpolate(
     result = {k: target[k] for k in keys}
 
     live = [i for i, w in enumerate(ws) if w != 0.0]
+    floating = [k for k in keys if srcs[0][k].is_floating_point()]
+    if not allow_nonfinite:
+        check_finite_sources(srcs, floating, labels, live)
     heaviest = max(range(len(ws)), key=lambda i: (ws[i], -i))
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     seen_storage: set[tuple] = set()
@@ -170,6 +201,10 @@ def interpolate(
                     fn([o], [[xs[j].to(device, non_blocking=True)] for xs in per_source], [ws[i] for i in live])
             else:
                 fn(outs, per_source, [ws[i] for i in live])
+    if allow_extrapolation and not allow_nonfinite:
+        # Finite sources and weights on the simplex stay within the sources' range; beyond it they may overflow.
+        for key in floating:
+            check_finite_result(result[key], key, " (extrapolated weights)")
     return result
 
 

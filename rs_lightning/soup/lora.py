@@ -16,34 +16,38 @@ alpha / sqrt(r) with rsLoRA). With weights w on N experts there are two differen
 
 `merge_lora_into_base` folds the delta soup into a base state dict (Conv1D / fan_in_fan_out aware).
 Key sets must match exactly in both modes: a silently dropped key would make every soup one expert.
+Adapter I/O (`LoraAdapter`, `load_adapter`, `save_adapter`, `live_adapter_state`) lives in `lora_io.py` and
+is re-exported here.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import Tensor
 
-from rs_lightning.soup.atomic import atomic_dir
 from rs_lightning.soup.errors import SoupError
 from rs_lightning.soup.interpolate import interpolate
+from rs_lightning.soup.lora_io import (  # noqa: F401 - the adapter I/O is part of this module's surface
+    BIN_NAME,
+    CONFIG_NAME,
+    PREFIX,
+    SAFETENSORS_NAME,
+    SOUP_JSON_NAME,
+    LoraAdapter,
+    is_peft_adapter_dir,
+    live_adapter_state,
+    load_adapter,
+    save_adapter,
+)
+from rs_lightning.soup.values import check_dtype, check_finite, check_finite_result
 from rs_lightning.soup.weights import validate_weights
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-SOUP_JSON_NAME = "soup.json"
-PREFIX = "base_model.model."  # PEFT's prefix in saved adapter keys, before the base model's own names
 MODES = ("factors", "delta")
 
 # Config fields that change which modules an adapter touches or how: they must agree in every soup.
@@ -56,80 +60,6 @@ _STRUCTURE_FIELDS = (
 _SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 # "<module>.lora_A.weight" (Linear, Conv1D, conv) or "<module>.lora_embedding_A" (Embedding), same for B.
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<lin>[AB])\.weight|lora_embedding_(?P<emb>[AB]))$")
-
-
-@dataclass
-class LoraAdapter:
-    """A PEFT LoRA adapter in memory.
-
-    Attributes:
-        config: contents of adapter_config.json.
-        state_dict: tensors as in adapter_model.safetensors (PEFT key names, e.g.
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").
-        path: the folder it was loaded from, if any (used in error messages).
-    """
-
-    config: dict
-    state_dict: dict[str, Tensor]
-    path: str | None = None
-
-
-def is_peft_adapter_dir(path: str | os.PathLike) -> bool:
-    """True if `path` is a folder with adapter_config.json and adapter_model.safetensors (or .bin)."""
-    p = Path(path)
-    has_weights = any((p / n).is_file() for n in (SAFETENSORS_NAME, BIN_NAME))
-    return p.is_dir() and (p / CONFIG_NAME).is_file() and has_weights
-
-
-def load_adapter(path: str | os.PathLike) -> LoraAdapter:
-    """Load a PEFT adapter folder (as written by `save_pretrained`) to CPU.
-
-    Raises:
-        SoupError: naming the file that is missing or cannot be read.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise SoupError(f"adapter folder {p} does not exist or is not a folder")
-    cfg_file = p / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise SoupError(f"{cfg_file} is missing: {p} is not a PEFT adapter folder")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as err:
-        raise SoupError(f"cannot read {cfg_file}: {err}") from err
-    if not isinstance(config, dict):
-        raise SoupError(f"{cfg_file} must hold a JSON object, got {type(config).__name__}")
-    weights_file = next((p / n for n in (SAFETENSORS_NAME, BIN_NAME) if (p / n).is_file()), None)
-    if weights_file is None:
-        raise SoupError(f"{p / SAFETENSORS_NAME} is missing (and no {BIN_NAME} either): no adapter weights")
-    try:
-        if weights_file.name == SAFETENSORS_NAME:
-            state = safetensors.torch.load_file(str(weights_file), device="cpu")
-        else:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and torch.load raise assorted types on corrupt files
-        raise SoupError(f"cannot read the adapter weights {weights_file}: {err}") from err
-    return LoraAdapter(config=config, state_dict=dict(state), path=str(p))
-
-
-def save_adapter(
-    adapter: LoraAdapter, path: str | os.PathLike, *, overwrite: bool = False, extra_json: dict | None = None
-) -> None:
-    """Write `adapter` as a PEFT folder (loadable by `PeftModel.from_pretrained`), atomically.
-
-    Args:
-        adapter: what to write.
-        path: the output folder.
-        overwrite: replace an existing folder.
-        extra_json: if given, also written to soup.json (e.g. the weights and sources of a soup).
-    """
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
-        # safetensors refuses views and shared storage: give it plain contiguous copies.
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in adapter.state_dict.items()}
-        safetensors.torch.save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-        if extra_json is not None:
-            (tmp / SOUP_JSON_NAME).write_text(json.dumps(extra_json, indent=2, sort_keys=True) + "\n")
 
 
 def _name(i: int, adapter: LoraAdapter) -> str:
@@ -195,8 +125,9 @@ def _split_keys(state: Mapping[str, Tensor]) -> tuple[dict[str, tuple[str, str]]
 
 
 def _soup_delta(
-    adapters: Sequence[LoraAdapter], ws: list[float], allow_extrapolation: bool, keep_fp32: bool = False
-) -> LoraAdapter:
+    adapters: Sequence[LoraAdapter], ws: list[float], allow_extrapolation: bool, keep_fp32: bool = False,
+    allow_nonfinite: bool = False,
+) -> LoraAdapter:  # fmt: skip
     _check_same(adapters, _STRUCTURE_FIELDS, "delta")
     for i, a in enumerate(adapters):
         bad = {f: a.config.get(f) for f in ("use_dora", "lora_bias") if a.config.get(f)}
@@ -213,6 +144,10 @@ def _soup_delta(
         ref_a, ref_b = adapters[0].state_dict[ka], adapters[0].state_dict[kb]
         for i, (a, w) in enumerate(zip(adapters, ws)):
             A, B = a.state_dict[ka], a.state_dict[kb]
+            for key, t in ((ka, A), (kb, B)):
+                check_dtype(t.dtype, key, _name(i, a))
+                if not allow_nonfinite and w != 0.0:
+                    check_finite(t, key, _name(i, a))
             same_dims = (
                 A.shape[1:] == ref_a.shape[1:]
                 and B.shape[:1] + B.shape[2:] == ref_b.shape[:1] + ref_b.shape[2:]
@@ -228,10 +163,13 @@ def _soup_delta(
             scaled = B.float() * (w * s)
             b_parts.append(scaled if keep_fp32 else scaled.to(B.dtype))
         out[ka], out[kb] = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+        if not allow_nonfinite:  # finite factors, but w s B may overflow a narrow dtype
+            check_finite_result(out[kb], kb, " (B scaled by weight x LoRA scaling)")
         total_rank[module.removeprefix(PREFIX)] = out[ka].shape[0]
     if others:
         sources = [{k: a.state_dict[k] for k in others} for a in adapters]
-        out.update(interpolate(sources, ws, allow_extrapolation=allow_extrapolation))
+        out.update(interpolate(sources, ws, allow_extrapolation=allow_extrapolation, allow_nonfinite=allow_nonfinite,
+                               names=[_name(i, a) for i, a in enumerate(adapters)]))
     config = copy.deepcopy(adapters[0].config)
     ranks = Counter(total_rank.values())
     r = ranks.most_common(1)[0][0] if ranks else sum(a.config.get("r", 0) for a in adapters)
@@ -243,7 +181,7 @@ def _soup_delta(
 
 def lora_soup(
     adapters: Sequence[LoraAdapter], weights: Sequence[float], *, mode: str = "factors",
-    allow_extrapolation: bool = False,
+    allow_extrapolation: bool = False, allow_nonfinite: bool = False,
 ) -> LoraAdapter:  # fmt: skip
     """Interpolate LoRA adapters trained from the same base model.
 
@@ -253,6 +191,7 @@ def lora_soup(
         mode: "factors" (A and B averaged separately; the paper's soup) or "delta" (the exact
             sum_i w_i s_i B_i A_i as one LoRA of rank sum_i r_i). See the module docstring.
         allow_extrapolation: allow negative weights (the sum must still be 1).
+        allow_nonfinite: soup adapters holding NaN/inf (refused by default, naming the key and adapter).
 
     Returns:
         A new adapter (path None). "factors": adapter 0's config. "delta": adapter 0's config with
@@ -262,20 +201,32 @@ def lora_soup(
         SoupError: bad weights or mode, or adapters that differ in a key, shape or config field the mode
             needs equal (the message names the field or key and the adapter).
     """
-    if not adapters:
-        raise SoupError("no adapters given: a LoRA soup needs at least one")
+    _check_adapters(adapters)
     ws = validate_weights(weights, len(adapters), allow_extrapolation=allow_extrapolation)
     if mode == "delta":
-        return _soup_delta(adapters, ws, allow_extrapolation)
+        return _soup_delta(adapters, ws, allow_extrapolation, allow_nonfinite=allow_nonfinite)
     if mode != "factors":
         raise SoupError(f"mode must be one of {MODES}, got {mode!r}")
     _check_same(adapters, _STRUCTURE_FIELDS + _SCALING_FIELDS, "factors")
-    try:
-        state = interpolate([a.state_dict for a in adapters], ws, allow_extrapolation=allow_extrapolation)
-    except SoupError as err:  # shapes or dtypes differ: say which files the source indices are
-        names = ", ".join(_name(i, a) for i, a in enumerate(adapters))
-        raise SoupError(f"{err} [{names}]: mode 'factors' needs equal shapes (try mode='delta')") from err
+    sds = [a.state_dict for a in adapters]
+    names = [_name(i, a) for i, a in enumerate(adapters)]
+    for i in range(1, len(sds)):  # shapes differ: the factors soup cannot take them, the delta soup can
+        bad = next((k for k in sds[0] if k in sds[i] and sds[i][k].shape != sds[0][k].shape), None)
+        if bad is not None:
+            raise SoupError(f"key '{bad}': {names[i]} has shape {tuple(sds[i][bad].shape)}, {names[0]} has "
+                            f"{tuple(sds[0][bad].shape)}: mode 'factors' needs equal shapes (try mode='delta')")
+    state = interpolate(sds, ws, allow_extrapolation=allow_extrapolation, allow_nonfinite=allow_nonfinite, names=names)
     return LoraAdapter(config=copy.deepcopy(adapters[0].config), state_dict=dict(state))
+
+
+def _check_adapters(adapters) -> None:
+    if not adapters:
+        raise SoupError("no adapters given: a LoRA soup needs at least one")
+    if isinstance(adapters, (str, bytes, LoraAdapter)) or not isinstance(adapters, Sequence):
+        raise SoupError(f"adapters must be a list of LoraAdapter, got {type(adapters).__name__}")
+    for i, a in enumerate(adapters):
+        if not isinstance(a, LoraAdapter):
+            raise SoupError(f"adapter {i} is a {type(a).__name__}, not a LoraAdapter (load folders with load_adapter)")
 
 
 def _base_key(key: str) -> str:
@@ -285,7 +236,7 @@ def _base_key(key: str) -> str:
 
 def merge_lora_into_base(
     base_state_dict: Mapping[str, Tensor], adapters: Sequence[LoraAdapter], weights: Sequence[float], *,
-    allow_extrapolation: bool = False,
+    allow_extrapolation: bool = False, allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:  # fmt: skip
     """The delta soup merged into full weights: W = W0 + sum_i w_i s_i B_i A_i.
 
@@ -302,10 +253,15 @@ def merge_lora_into_base(
         SoupError: as `lora_soup(mode="delta")`; an adapter key with no base weight of that shape; conv
             LoRA; a LoRA on a tied weight (merging would untie it; use the delta adapter with PEFT).
     """
-    if not adapters:
-        raise SoupError("no adapters given: a LoRA soup needs at least one")
+    _check_adapters(adapters)
+    if not isinstance(base_state_dict, Mapping):
+        raise SoupError(f"the base state dict must be a mapping name -> tensor, got {type(base_state_dict).__name__}")
     ws = validate_weights(weights, len(adapters), allow_extrapolation=allow_extrapolation)
-    soup = _soup_delta(adapters, ws, allow_extrapolation, keep_fp32=True)
+    soup = _soup_delta(adapters, ws, allow_extrapolation, keep_fp32=True, allow_nonfinite=allow_nonfinite)
+    if not allow_nonfinite:  # the base's own tensors are part of the output too
+        for k, t in base_state_dict.items():
+            if isinstance(t, Tensor):
+                check_finite(t, k, "the base model")
     pairs, others = _split_keys(soup.state_dict)
     out = dict(base_state_dict)
     # Writing one name of a tied pair (GPT-2's wte / lm_head) would untie them, and load_state_dict would
@@ -337,29 +293,8 @@ def merge_lora_into_base(
             delta = delta.T
         bkey = _base_key(module) + ".weight"
         w0 = target(ka, bkey, delta.shape)
+        check_dtype(w0.dtype, bkey, "the base model")
         out[bkey] = (w0.float() + delta).to(w0.dtype)
+        if not allow_nonfinite:
+            check_finite_result(out[bkey], bkey, " (base weight + LoRA delta)")
     return out
-
-
-def live_adapter_state(peft_model, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The LIVE adapter tensors of a PeftModel under the names PEFT saves them with (what soups write into).
-
-    PEFT keeps "...lora_A.default.weight" in the module but writes "...lora_A.weight" to adapter_model.safetensors;
-    `get_peft_model_state_dict` does that renaming and returns views of the parameters, so writing into them
-    updates the model. `save_embedding_layers=False`: a LoRA on lm_head must not drag the frozen base lm_head or
-    embedding matrices in (peft's "auto" saves them), where soups would average identical copies of base weights.
-
-    Raises:
-        SoupError: if PEFT returned copies (a soup written into them would never reach the model).
-    """
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
-    live = {t.data_ptr() for t in [*peft_model.parameters(), *peft_model.buffers()]}
-    copied = [k for k, v in state.items() if v.numel() and v.data_ptr() not in live]
-    if copied:
-        raise SoupError(
-            f"PEFT returned a copy of '{copied[0]}' (not the live parameter): this peft version cannot be "
-            "souped in place; write the task's soup_state_dict() from named_parameters() instead"
-        )
-    return state

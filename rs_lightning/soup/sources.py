@@ -18,11 +18,8 @@ network is `self.policy`.
 
 from __future__ import annotations
 
-import ctypes
-import json
-import math
+import stat
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,42 +27,21 @@ from torch import Tensor
 
 from rs_lightning.soup.ckpt import load_torch_state_dict
 from rs_lightning.soup.errors import SoupError
+from rs_lightning.soup.paths import short
+from rs_lightning.soup.safetensors_format import (  # noqa: F401 - re-exported: writer, io and tests use them here
+    DTYPE_NAMES,
+    INDEX_FILE,
+    MAX_HEADER_BYTES,
+    SAFETENSORS_DTYPES,
+    SINGLE_FILE,
+    TensorInfo,
+    byte_view,
+    read_header,
+    read_index,
+)
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in [
-        ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"), ("U16", "uint16"),
-        ("I32", "int32"), ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"), ("F16", "float16"),
-        ("BF16", "bfloat16"), ("F32", "float32"), ("F64", "float64"), ("F8_E4M3", "float8_e4m3fn"),
-        ("F8_E5M2", "float8_e5m2"), ("C64", "complex64"),
-    ]
-    if hasattr(torch, attr)
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-# safetensors refuses headers above 100 MB; a larger length field means a corrupt or foreign file.
-MAX_HEADER_BYTES = 100_000_000
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape and dtype of a tensor, known without reading its data."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def byte_view(t: Tensor) -> memoryview:
-    """A writable, zero-copy view of the bytes of a contiguous CPU tensor (keep `t` alive while used)."""
-    buf = (ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr())
-    return memoryview(buf).cast("B")
 
 
 class Source(Mapping[str, Tensor]):
@@ -118,7 +94,7 @@ class SafetensorsSource(Source):
         self._handles: dict[int, object] = {}
         found: list[tuple[int, int, str]] = []
         for fi, file in enumerate(files):
-            for name, (info, start, end) in _read_header(file).items():
+            for name, (info, start, end) in read_header(file).items():
                 if owners is not None and owners.get(name) != file:
                     continue  # the index is the authority on which shard holds a tensor
                 self._entries[name] = (fi, info, start, end)
@@ -132,18 +108,21 @@ class SafetensorsSource(Source):
 
     def __getitem__(self, name: str) -> Tensor:
         fi, info, start, end = self._entries[name]
-        f = self._handles.get(fi)
-        if f is None:
-            f = self._handles[fi] = open(self._files[fi], "rb", buffering=0)
         data = torch.empty(end - start, dtype=torch.uint8)
-        if end > start:
-            view, pos = byte_view(data), 0
-            while pos < len(view):  # a read may return fewer bytes than asked (e.g. > 2 GiB on Linux)
-                f.seek(start + pos)
-                n = f.readinto(view[pos:])
-                if not n:
-                    raise SoupError(f"{self._files[fi]}: file ends inside tensor '{name}' (truncated?)")
-                pos += n
+        try:
+            f = self._handles.get(fi)
+            if f is None:
+                f = self._handles[fi] = open(self._files[fi], "rb", buffering=0)
+            if end > start:
+                view, pos = byte_view(data), 0
+                while pos < len(view):  # a read may return fewer bytes than asked (e.g. > 2 GiB on Linux)
+                    f.seek(start + pos)
+                    n = f.readinto(view[pos:])
+                    if not n:
+                        raise SoupError(f"{self._files[fi]}: file ends inside tensor '{name}' (truncated?)")
+                    pos += n
+        except OSError as err:
+            raise SoupError(f"cannot read tensor '{name}' from {self._files[fi]}: {err.strerror or err}") from err
         return data.view(info.dtype).reshape(info.shape)
 
     def info(self, name: str) -> TensorInfo:
@@ -236,11 +215,27 @@ def open_source(path: str | Path, *, prefix: str | None = None) -> Source:
         SoupError: naming the path, for a missing path, an unknown format, a corrupt file, or a prefix
             that matches no key.
     """
+    if path is None or str(path) == "":
+        raise SoupError(f"a source path is empty ({path!r})")
     path = Path(path)
-    if not path.exists():
-        raise SoupError(f"no such file or folder: {path}")
+    check_input_path(path)
     source = _open(path)
     return PrefixedSource(source, prefix) if prefix else source
+
+
+def check_input_path(path: Path) -> None:
+    """Refuse, naming it, an input that is missing, unreadable by name, or not a file/folder (a FIFO would
+    block the first read forever, a device would be read as weights)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SoupError(f"source {short(path)} is a dangling symlink (its target does not exist)") from None
+        raise SoupError(f"no such file or folder: {short(path)}") from None
+    except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES on a parent folder...
+        raise SoupError(f"cannot use source {short(path)}: {err.strerror or err}") from err
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise SoupError(f"source {short(path)} is not a regular file or folder (a pipe or a device?)")
 
 
 def _open(path: Path) -> Source:
@@ -251,7 +246,7 @@ def _open(path: Path) -> Source:
             adapter = lora.load_adapter(path)
             return StateDictSource(path, "peft-adapter", adapter.state_dict, adapter=adapter)
         if (path / INDEX_FILE).is_file():
-            owners = _read_index(path)
+            owners = read_index(path)
             files = sorted(set(owners.values()))
             return SafetensorsSource(path, files, "sharded-safetensors", owners)
         if (path / SINGLE_FILE).is_file():
@@ -273,45 +268,3 @@ def _open(path: Path) -> Source:
         f"{path}: unknown checkpoint format '{suffix or path.name}' (supported: .safetensors, a HF model "
         f"folder, a PEFT adapter folder, a Lightning .ckpt, {'/'.join(TORCH_SUFFIXES)})"
     )
-
-
-def _read_header(file: Path) -> dict[str, tuple[TensorInfo, int, int]]:
-    """name -> (info, absolute start, absolute end) from a safetensors header, with every check that
-    lets a later read trust the offsets."""
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-            if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        data_start, entries = 8 + n, {}
-        for name, spec in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = SAFETENSORS_DTYPES.get(spec["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor '{name}' has unsupported dtype {spec['dtype']!r}")
-            info = TensorInfo(tuple(int(d) for d in spec["shape"]), dtype)
-            start, end = (int(o) for o in spec["data_offsets"])
-            if end - start != info.nbytes or start < 0 or data_start + end > size:
-                raise ValueError(f"tensor '{name}' has offsets {[start, end]} that do not fit its shape or the file")
-            entries[name] = (info, data_start + start, data_start + end)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise SoupError(f"{file} is not a valid safetensors file (corrupt or truncated?): {err}") from err
-    return entries
-
-
-def _read_index(folder: Path) -> dict[str, Path]:
-    index_path = folder / INDEX_FILE
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        owners = {str(name): folder / str(file) for name, file in weight_map.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise SoupError(f"{index_path} is not a valid index (needs a 'weight_map' object): {err}") from err
-    for file in sorted(set(owners.values())):
-        if not file.is_file():
-            raise SoupError(f"{index_path} lists shard {file.name}, which is missing from {folder}")
-    return owners

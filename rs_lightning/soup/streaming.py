@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rs_lightning.soup.atomic import atomic_dir
+from rs_lightning.soup.atomic import atomic_dir, explained_write_errors
 from rs_lightning.soup.errors import SoupError
 from rs_lightning.soup.interpolate import interpolate
-from rs_lightning.soup.sources import Source, TensorInfo, open_source
+from rs_lightning.soup.paths import check_output
+from rs_lightning.soup.sources import DTYPE_NAMES, Source, TensorInfo, open_source
+from rs_lightning.soup.values import check_dtype, check_finite_result, is_finite, nonfinite_error
 from rs_lightning.soup.weights import validate_weights
 from rs_lightning.soup.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -70,6 +72,8 @@ def check_sources(sources: Sequence[Source]) -> list[str]:
         raise SoupError("no sources given: a soup needs at least one checkpoint")
     ref = sources[0]
     keys = list(ref)
+    for key in keys:
+        check_dtype(ref.info(key).dtype, key, f"source 0 ({ref.path})")
     for i, src in enumerate(sources[1:], start=1):
         for key in keys:
             if key not in src:
@@ -102,6 +106,7 @@ def merge_files(
     prefix: str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    allow_nonfinite: bool = False,
 ) -> SaveResult:
     """Interpolate K checkpoints on disk into a safetensors folder, streaming tensor by tensor.
 
@@ -117,36 +122,44 @@ def merge_files(
         prefix: keep only the keys starting with it, stripped (e.g. "policy." for a Lightning ckpt).
         overwrite: replace an existing `out_dir`.
         progress: a tqdm bar on stderr; None shows it when the merge reads more than 1 GiB.
+        allow_nonfinite: write the soup even if a source with non-zero weight holds NaN/inf, or the soup
+            overflows its dtype (refused by default, naming the key and the source).
 
     Raises:
-        SoupError: bad weights, unreadable or incompatible sources (before any tensor is read).
+        SoupError: bad weights, unreadable or incompatible sources (before any tensor is read), an output
+            that cannot be written or overlaps a source (`rs_lightning.soup.paths.check_output`), another
+            process writing the same output, NaN/inf (see `allow_nonfinite`).
         FileExistsError: `out_dir` exists and `overwrite` is False.
+        OSError: writing failed (e.g. disk full); nothing is left behind.
     """
     start = time.perf_counter()
+    if isinstance(paths, (str, bytes, os.PathLike)) or not isinstance(paths, Sequence):
+        raise SoupError(f"paths must be a list of checkpoint paths, got {type(paths).__name__}")
     ws = validate_weights(weights, len(paths), allow_extrapolation=allow_extrapolation)
     out_dtype = parse_dtype(dtype)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder already exists: {out} (pass overwrite=True / --overwrite)")
+    out = Path(out_dir) if out_dir is not None else None
+    check_output(out, inputs=paths, overwrite=overwrite, flag="out_dir")
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(open_source(p, prefix=prefix)) for p in paths]
         for src in sources:
             if src.kind == "peft-adapter":
                 raise SoupError(f"{src.path} is a PEFT adapter folder: soup adapters with lora_soup / `rs soup`")
-            if out.resolve() == src.path.resolve():
-                raise SoupError(f"the output {out} is also a source: write the soup elsewhere")
         keys = check_sources(sources)
         in_infos = {k: sources[0].info(k) for k in keys}
         out_infos = {k: _out_info(info, out_dtype) for k, info in in_infos.items()}
+        for k, info in out_infos.items():
+            if info.dtype not in DTYPE_NAMES:
+                raise SoupError(f"key '{k}' has dtype {info.dtype}, which safetensors cannot store")
         shards = plan_shards([(k, out_infos[k]) for k in keys], max_shard_bytes)
         order = [k for layout in shards for k, _ in layout]
-        tensors = _merged(sources, order, in_infos, ws, out_dtype, allow_extrapolation)
+        tensors = _merged(sources, order, in_infos, ws, out_dtype, allow_extrapolation, allow_nonfinite)
         read_bytes = sum(info.nbytes for info in in_infos.values()) * sum(w != 0 for w in ws)
         if progress or (progress is None and read_bytes >= PROGRESS_BYTES):
             tensors = _with_progress(tensors, len(order))
 
         result = SaveResult(out, n_tensors=len(keys), total_bytes=sum(i.nbytes for i in out_infos.values()))
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        stack.enter_context(explained_write_errors(out))
+        with atomic_dir(out, overwrite=overwrite, lock=True) as tmp:
             result.files = write_planned(tmp, shards, tensors)
             if sources[0].folder is not None:
                 copy_model_files(sources[0].folder, tmp, dtype=out_dtype)
@@ -174,6 +187,7 @@ def _merged(
     weights: list[float],
     out_dtype: torch.dtype | None,
     allow_extrapolation: bool,
+    allow_nonfinite: bool,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield (name, soup tensor) in `order`, reading one group of tensors per source at a time."""
     group: list[str] = []
@@ -181,35 +195,43 @@ def _merged(
     for key in order:
         nbytes = infos[key].nbytes
         if group and size + nbytes > GROUP_BYTES:
-            yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation)
+            yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation, allow_nonfinite)
             group, size = [], 0
         group.append(key)
         size += nbytes
     if group:
-        yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation)
+        yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation, allow_nonfinite)
 
 
-def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation):
+def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation, allow_nonfinite):
     # Zero-weight sources contribute nothing to floating tensors: do not even read them (a one-hot soup,
     # the front's endpoints, then reads one model). Non-floating tensors need all sources (see interpolate).
     floating = all(infos[k].dtype.is_floating_point for k in keys)
     live = [i for i, w in enumerate(weights) if w != 0.0] if floating else list(range(len(sources)))
 
-    def load(src: Source, key: str) -> Tensor:
-        t = src[key]
+    def load(i: int, key: str) -> Tensor:
+        t = sources[i][key]
+        # Checked as read (the file is named, nothing is written yet); a zero-weight source adds nothing.
+        if not allow_nonfinite and weights[i] != 0.0 and not is_finite(t):
+            raise nonfinite_error(t, key, f"source {i} ({sources[i].path})")
         # Upcasting before the sum (e.g. bf16 experts -> fp32 soup) keeps the fp32 result exact, instead
         # of rounding to bf16 first and widening after.
         if out_dtype is not None and t.is_floating_point() and out_dtype.itemsize > t.dtype.itemsize:
             t = t.to(out_dtype)
         return t
 
-    per_source = [{k: load(sources[i], k) for k in keys} for i in live]
-    soup = interpolate(per_source, [weights[i] for i in live], allow_extrapolation=allow_extrapolation)
+    per_source = [{k: load(i, k) for k in keys} for i in live]
+    # Sources were checked above; interpolate's own check would read them all a second time.
+    soup = interpolate(per_source, [weights[i] for i in live], allow_extrapolation=allow_extrapolation,
+                       allow_nonfinite=True)
     del per_source
     for k in keys:
         t = soup.pop(k)
-        if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
+        narrowed = out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype
+        if narrowed:
             t = t.to(out_dtype)
+        if not allow_nonfinite and (narrowed or allow_extrapolation):  # finite sources may still overflow
+            check_finite_result(t, k, f" (cast to {str(out_dtype).removeprefix('torch.')})" if narrowed else "")
         yield k, t
 
 

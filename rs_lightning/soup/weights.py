@@ -16,6 +16,12 @@ from rs_lightning.soup.errors import SoupError
 SUM_TOLERANCE = 1e-6
 
 
+def _brief(value) -> str:
+    """A one-line repr, cut short (a tensor's repr spans lines)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def validate_weights(
     weights: Sequence[float], n_sources: int | None = None, *, allow_extrapolation: bool = False
 ) -> list[float]:
@@ -30,10 +36,12 @@ def validate_weights(
         SoupError: wrong count, a non-finite weight, a negative weight without `allow_extrapolation`, or a
             sum that is not 1 within 1e-6.
     """
+    if weights is None or isinstance(weights, (str, bytes)):
+        raise SoupError(f"weights must be numbers (a sequence, one per source), got {_brief(weights)}")
     try:
         ws = [float(w) for w in weights]
-    except (TypeError, ValueError) as err:
-        raise SoupError(f"weights must be numbers, got {list(weights)!r}") from err
+    except (TypeError, ValueError) as err:  # not iterable, or an element that is not a number
+        raise SoupError(f"weights must be numbers (a sequence, one per source), got {_brief(weights)}") from err
     if not ws:
         raise SoupError("weights is empty: give one weight per source")
     if n_sources is not None and len(ws) != n_sources:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 import rs_lightning
-from rs_lightning.soup.atomic import atomic_dir
+from rs_lightning.soup.atomic import atomic_dir, explained_write_errors
 from rs_lightning.soup.errors import SoupError
+from rs_lightning.soup.paths import check_output
 from rs_lightning.soup.sources import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, TensorInfo, byte_view
 
 # The Hugging Face default ("5GB" = 5e9 bytes).
@@ -98,6 +99,8 @@ def _write_file(file: Path, layout: Layout, tensors: Iterator[tuple[str, Tensor]
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, info in layout:
+        if info.dtype not in DTYPE_NAMES:
+            raise SoupError(f"tensor '{name}' has dtype {info.dtype}, which safetensors cannot store")
         header[name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape),
                         "data_offsets": [offset, offset + info.nbytes]}
         offset += info.nbytes
@@ -199,10 +202,18 @@ def save_safetensors(
 
     Raises:
         FileExistsError: `out_dir` exists and `overwrite` is False.
+        SoupError: a value that is not a tensor or has a dtype safetensors cannot store, an output location
+            that cannot be written, another process writing it.
+        OSError: writing failed (e.g. disk full); nothing is left behind.
     """
     start = time.perf_counter()
-    result = SaveResult(Path(out_dir))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    result = SaveResult(Path(out_dir) if out_dir is not None else None)
+    check_output(out_dir, overwrite=overwrite, flag="out_dir")
+    if isinstance(state_dict_or_iterator, Mapping):
+        bad = next((k for k, v in state_dict_or_iterator.items() if not isinstance(v, Tensor)), None)
+        if bad is not None:
+            raise SoupError(f"tensor '{bad}' is a {type(state_dict_or_iterator[bad]).__name__}, not a tensor")
+    with explained_write_errors(out_dir), atomic_dir(out_dir, overwrite=overwrite, lock=True) as tmp:
         if isinstance(state_dict_or_iterator, Mapping):
             sd = state_dict_or_iterator
             shards = plan_shards([(k, TensorInfo(tuple(t.shape), t.dtype)) for k, t in sd.items()], max_shard_bytes)
@@ -239,6 +250,8 @@ def _write_buffered(folder: Path, pairs: Iterable[tuple[str, Tensor]], max_shard
     for name, t in pairs:
         if name in seen:
             raise SoupError(f"tensor '{name}' is given twice")
+        if not isinstance(t, Tensor):
+            raise SoupError(f"tensor '{name}' is a {type(t).__name__}, not a tensor")
         seen.add(name)
         nbytes = t.numel() * t.element_size()
         if buffer and size + nbytes > max_shard_bytes:

@@ -82,7 +82,9 @@ def load_coca(model: str = TINY_COCA, pretrained: str | None = None) -> nn.Modul
     import open_clip
 
     register_tiny_configs()
-    coca = open_clip.create_model(model, pretrained=pretrained)
+    # A local `pretrained` file goes through open_clip's own reader (it converts open_clip's checkpoint
+    # layouts); weights_only=True is pinned here so it never runs pickled code whatever open_clip's default.
+    coca = open_clip.create_model(model, pretrained=pretrained, weights_only=True)
     if not hasattr(coca, "text_decoder"):
         raise ValueError(f"open_clip model {model!r} is not a CoCa (no text decoder): captioning needs one")
     if not pretrained:
@@ -189,19 +191,22 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a full state dict into `model` STRICTLY (every key, shape and dtype must match).
 
     Args:
-        path: a .safetensors file of the model's state dict, or a Lightning .ckpt of a `CaptioningModule`
-            (its "model." keys).
-    """
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        path: a .safetensors file of the model's state dict, a Lightning .ckpt of a `CaptioningModule`
+            (its "model." keys), or a torch .pt/.bin state dict.
 
-        state = load_file(path)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt)
-        if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    Raises:
+        SoupError (a ValueError): a file that cannot be read safely; it is read by the soup engine's reader
+            (`rs_lightning.soup.io.open_source`), which never runs pickled code (`torch.load(weights_only=True)`
+            with inert stand-ins for Lightning's hyper-parameters), so a malicious checkpoint cannot execute.
+        ValueError: a key whose shape or dtype differs from the model's.
+    """
+    from rs_lightning.soup.io import open_source
+
+    path = str(path)
+    with open_source(path) as source:
+        state = {k: source[k] for k in source}
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     own = model.state_dict()
     for key, value in state.items():
         if key in own and (own[key].shape != value.shape or own[key].dtype != value.dtype):
