@@ -115,3 +115,11 @@ def test_a_killed_run_leaves_no_orphan_and_resumes_with_its_finished_stages(tmp_
                tmp_path, log=lines.append)
     assert any("reused" in line and "fast" in line for line in lines)
     assert (tmp_path / "slow.json").exists()
+
+
+def test_stages_that_unblock_most_start_first(tmp_path):
+    # Two "replicates": x0 -> (a0, b0), x1 -> (a1, b1). With one worker, x1 must start before a0 and b0.
+    x0, x1 = stage(tmp_path, "x0", seconds=0.05), stage(tmp_path, "x1", seconds=0.05)
+    kids = [stage(tmp_path, f"{k}{r}", needs=[f"x{r}"], seconds=0.05) for r in (0, 1) for k in "ab"]
+    run_stages([x0, *kids[:2], x1, *kids[2:]], tmp_path, workers=1, log=lambda _: None)
+    assert span(x1)[0] < min(span(kids[0])[0], span(kids[1])[0])

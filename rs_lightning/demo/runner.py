@@ -113,6 +113,9 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
     if unknown:
         raise ValueError(f"stages depend on unknown stages {sorted(unknown)}")
     workers = workers or default_workers(threads)
+    # Start first what unblocks most: an init before another replicate's experts (R inits, not R x N trainings,
+    # sit on the critical path).
+    dependants = _dependant_counts(stages)
     timings = load_timings(out)
     done, failed, blocked = set(), {}, set()
     pending = []
@@ -140,7 +143,7 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
                 pending.remove(s)
                 blocked.add(s.name)
                 log(f"  skipped  {s.kind:<6} {s.name}: a stage it needs failed")
-            ready = [s for s in pending if all(d in done for d in s.needs)]
+            ready = sorted((s for s in pending if all(d in done for d in s.needs)), key=lambda s: -dependants[s.name])
             while ready and len(running) < workers:
                 s = ready.pop(0)
                 pending.remove(s)
@@ -195,6 +198,22 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
         lines = "\n".join(f"  {name}: {why}" for name, why in failed.items())
         raise StageFailed(f"{len(failed)} stage(s) failed ({len(blocked)} not run because of them):\n{lines}")
     return timings
+
+
+def _dependant_counts(stages: Sequence) -> dict[str, int]:
+    """{stage name: how many stages need it, directly or through others}."""
+    children: dict[str, set[str]] = {s.name: set() for s in stages}
+    for s in stages:
+        for d in s.needs:
+            children[d].add(s.name)
+
+    def reach(name: str, seen: set[str]) -> set[str]:
+        for child in children[name] - seen:
+            seen.add(child)
+            reach(child, seen)
+        return seen
+
+    return {name: len(reach(name, set())) for name in children}
 
 
 def rs_command(*args: str) -> list[str]:
