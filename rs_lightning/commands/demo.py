@@ -5,6 +5,10 @@
     rs demo --task text          # SmolLM2 + LoRA, VADER positivity vs MiniLM relevance
     rs demo --quick              # the same pipeline on tiny models, in about a minute
 Stages run concurrently in processes of their own (--workers); a second run reuses the finished stages.
+
+Every argument and the output folder are checked before anything is planned or trained; the demo folder is
+locked for the whole run (a second `rs demo` on it stops at once: "demo folder ... is in use by pid N").
+Errors are one line: exit 2 for arguments and locations, 1 for a failed stage or write.
 """
 
 from __future__ import annotations
@@ -17,21 +21,23 @@ import sys
 import time
 from pathlib import Path
 
+from rs_lightning.commands.messages import OneLineParser, fail, os_error
 from rs_lightning.soup.atomic import atomic_file
 
 FAMILIES = ("text", "captioning")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="rs demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the complete method offline, R times independently: per replicate the shared init, one "
                     "expert per reward, MORL at mu = 0.5, and the front sweep over the lambda grid (lambda = weight "
                     "of the SECOND expert) on validation and test images; then a report whose every figure has a "
                     "95 %% interval (bootstrap over test examples within a replicate, Student t across replicates).",
-        epilog="Outputs: <out>/<task>/rep<r>/front/{front.jsonl,summary.json,front.png}, <out>/<task>/report.json; "
+        epilog="Outputs: <out>/<task>/rep<r>/front/{front.jsonl,summary.json,front.png}, <out>/<task>/report.{json,md}; "
                "each stage's config is in <out>/<task>/configs/ (re-run one with rs fit --config ...) and its log "
-               "in <out>/<task>/logs/.",
+               "in <out>/<task>/logs/. Exit status: 0 done; 2 bad arguments, an --out that cannot be written or "
+               "a demo folder another rs demo is writing (nothing started); 1 a stage or a write failed.",
     )
     p.add_argument("--task", choices=FAMILIES, default="captioning",
                    help="task family (default: captioning, the one whose replicated run fits in 12 minutes on 2 cores)")
@@ -49,28 +55,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Every argument is checked here, before any training starts."""
+def check_args(p: argparse.ArgumentParser, args) -> Path:
+    """Every argument is checked here, before any training starts; returns the demo folder.
+
+    Raises:
+        SystemExit: a bad number (one line printed). SoupError: a demo folder that cannot be written.
+    """
+    from rs_lightning.front.runs import check_run_folder
+
     for name, low in (("replicates", 1), ("points", 2), ("threads", 1), ("workers", 1), ("iterations", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name} must be >= {low}, got {value}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} is a file, not a folder")
+    return check_run_folder(Path(args.out) / (f"{args.task}-quick" if args.quick else args.task), "--out")
 
 
 def main(argv: list[str]) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exit_:  # --help, or one line "rs demo: error: ..." already printed
+        return int(exit_.code or 0)
+    from rs_lightning.soup import SoupError
+    from rs_lightning.soup.lock import output_lock
+
+    try:
+        try:
+            out = check_args(p, args)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        with output_lock(out, what="demo folder"):
+            return _run(args, out)
+    except SoupError as err:  # a demo folder that cannot be written, or OutputInUse
+        return fail("rs demo", err)
+    except OSError as err:
+        return fail("rs demo", *os_error(err))
+
+
+def _run(args, out: Path) -> int:
     profile = "quick" if args.quick else "default"
-    out = Path(args.out) / (f"{args.task}-quick" if args.quick else args.task)
     if args.task == "text":
         from rs_lightning.demo import text as family
     else:
         from rs_lightning.demo import captioning as family
-    from rs_lightning.demo.report import build_report, format_report
+    from rs_lightning.demo.report import build_report, format_markdown, format_report
     from rs_lightning.demo.runner import StageFailed, default_workers, run_stages
 
     stages = family.plan(out, replicates=args.replicates, seed=args.seed, profile=profile,
@@ -95,6 +123,8 @@ def main(argv: list[str]) -> int:
                           "workers": workers, "threads": args.threads, "points": args.points}
     with atomic_file(out / "report.json") as f:
         json.dump(report, f, indent=2)
+    with atomic_file(out / "report.md") as f:
+        f.write(format_markdown(report))
     print(format_report(report))
     print(f"this run took {report['wall_minutes_this_run']:.1f} min; report: {out / 'report.json'}")
     return 0

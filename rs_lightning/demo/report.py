@@ -27,8 +27,10 @@ LEVEL = 0.95
 
 def across_replicates(values: list[float], level: float = LEVEL) -> dict:
     """Mean over replicates with a Student-t interval: {"value", "low", "high", "n", "per_replicate"}."""
+    # Rounded to 12 digits: float noise (a gap of -1e-17 between identical models) must not become a verdict.
+    values = [round(v, 12) + 0.0 for v in values]
     n = len(values)
-    mean = sum(values) / n
+    mean = round(sum(values) / n, 12) + 0.0
     out = {"value": mean, "low": None, "high": None, "n": n, "per_replicate": values}
     if n >= 2:
         from scipy.stats import t
@@ -150,3 +152,21 @@ def format_report(report: dict) -> str:
                  f"{comp['all_stage_wall_minutes']:.1f} min of stage wall time (stages ran concurrently)")
     lines.append("fronts: " + ", ".join(f"{k}/front.png" for k in report["outputs"].values()))
     return "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
+    """The same report as Markdown tables (written to report.md, pasted into READMEs as it is)."""
+    rewards, reps = report["rewards"], report["replicates"]
+    lines = [f"Test rewards, mean over {len(reps)} replicates [95 % Student-t interval across replicates]:", "",
+             "| policy | " + " | ".join(rewards) + " |", "|---|" + "---|" * len(rewards)]
+    for label, per_reward in report["pooled_policies"].items():
+        lines.append(f"| {label} | " + " | ".join(_cell(per_reward[r]) for r in rewards) + " |")
+    lines += ["", "Claims: each replicate's value [95 % paired bootstrap over its test examples], and the mean over "
+              "replicates [95 % Student-t]; verdicts read off the intervals:", "",
+              "| figure | " + " | ".join(f"replicate {i}" for i in range(len(reps))) + " | pooled | verdict |",
+              "|---|" + "---|" * (len(reps) + 2)]
+    for c in report["claims"]:
+        every = "" if c["holds_in_every_replicate"] else " (not in every replicate)"
+        lines.append(f"| {c['subject']} | " + " | ".join(_cell(v) for v in c["per_replicate"])
+                     + f" | {_cell(c['pooled'])} | {c['pooled_verdict']}{every} |")
+    return "\n".join(lines) + "\n"
