@@ -76,8 +76,9 @@ def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, mo
            points: int, sweep_images: dict) -> dict:
     model = copy.deepcopy(base["model"])
     model["init_args"].pop("init_checkpoint", None)
-    # At test time every evaluation metric is logged as test/reward/<name>; the training reward is unused.
-    model["init_args"].update(rewards=["bleu1"], reward_weights=None, corpus_metrics=False)
+    # The front scores exactly the demo's two rewards: the other caption metrics (METEOR runs a Java process)
+    # would only cost time at every point. The training reward is unused at test time.
+    model["init_args"].update(rewards=["bleu1"], reward_weights=None, corpus_metrics=False, eval_metrics=REWARDS)
     front = front_section(REWARDS, experts, out_dir, init=init, morl=morl, points=points, ideal=IDEAL,
                           nadir=NADIR, preferences=PREFERENCES)
     data = copy.deepcopy(base["data"])
