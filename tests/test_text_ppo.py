@@ -340,8 +340,9 @@ def test_logged_metrics_train_and_test(tiny, tmp_path):
     assert row["train/kl_coef"] == pytest.approx(0.05) and row["train/response_length"] == 8
     assert row["train/entropy"] > 0
     metrics = trainer.test(module, data, verbose=False)[0]
-    assert {"test/reward/e", "test/reward/a", "test/reward/total"} <= metrics.keys()
-    assert metrics["test/reward/total"] == pytest.approx(0.5 * (metrics["test/reward/e"] + metrics["test/reward/a"]),
+    # The weighted total is logged outside `test/reward/`: a front scores every `test/reward/*` as an objective.
+    assert {k for k in metrics if k.startswith("test/reward/")} == {"test/reward/e", "test/reward/a"}
+    assert metrics["test/reward_total"] == pytest.approx(0.5 * (metrics["test/reward/e"] + metrics["test/reward/a"]),
                                                          abs=1e-5)
 
 
@@ -438,6 +439,16 @@ def test_text_config_parses(path):
     assert path.read_text().startswith("#"), "each config opens with a comment saying what it is"
 
 
+PAPER_CONFIGS = ["news_summary", "news_summary_fsdp", "reddit_tldr", "stack_exchange", "movie_review", "assistant"]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_use_the_base_model_as_kl_reference_and_per_query_lengths(name):
+    """The paper's TRL 0.4 runs: reference = base LLaMA (adapter disabled), a response length drawn per query."""
+    args = _parse_only(CONFIGS / f"{name}.yaml").model.init_args
+    assert args.init_adapter and args.kl_reference == "base" and args.length_sampling == "prompt"
+
+
 def test_config_parse_catches_a_wrong_reward_argument(tmp_path, capsys):
     text = (CONFIGS / "smoke.yaml").read_text()
     assert "{target: 4, name: length}" in text
@@ -475,3 +486,293 @@ def test_export_from_gathered_state_equals_the_live_export(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="holds no tensor of the 'default' LoRA adapter"):
         export_expert(module, tmp_path / "empty", states=({"w": torch.zeros(1)}, gathered[1]))
     assert not (tmp_path / "empty").exists()  # atomic: nothing half-written
+
+
+# ---- 8. critic-free advantages (sequence, rloo): no value head ------------------------------------------------------
+
+def test_critic_free_sequence_mode_has_no_value_head_and_ignores_vf_coef(tiny, tmp_path):
+    """advantage=sequence uses no value estimate: vf_coef must not change the update. It did when a value head was
+    still built and trained next to the policy (its loss reached the LoRA through the shared hidden states)."""
+    states = []
+    for vf_coef in (0.0, 0.1):
+        L.seed_everything(0)
+        module = make_module(tiny, advantage="sequence", vf_coef=vf_coef)
+        make_trainer(tmp_path / str(vf_coef), iterations=1).fit(module, make_data(tiny))
+        states.append(adapter(module))
+    first, second = states
+    assert any(bool(v.abs().sum() > 0) for k, v in first.items() if "lora_B" in k), "no training happened"
+    assert all(torch.equal(first[k], second[k]) for k in first), "vf_coef changed a critic-free update"
+    assert module.value_head is None
+    assert not [n for n, _ in module.named_parameters() if "value_head" in n]
+
+
+def test_rloo_iteration_samples_k_per_prompt_and_moves_the_lora(tiny, tmp_path):
+    L.seed_everything(0)
+    module, rec, seen = make_module(tiny, advantage="rloo", rloo_k=4), Record(), BatchIds()
+    assert module.value_head is None and not [n for n, _ in module.named_parameters() if "value_head" in n]
+    before = adapter(module)
+    make_trainer(tmp_path, iterations=1, callbacks=[rec, seen]).fit(module, make_data(tiny, batch_size=4))
+    assert [len(ids) for ids in seen.ids] == [4]  # the data (and its resumable order, DDP's split) count prompts
+    assert len(module.last_iteration["texts"]) == 16  # 4 prompts x 4 samples
+    row = rec.rows[0]
+    assert row["train/reward/e"] == pytest.approx(float(module.last_iteration["rewards"]["e"].mean()))  # per sample
+    assert "train/value_loss" not in row and "train/clipfrac" in row
+    after = adapter(module)
+    assert any(not torch.equal(after[k], before[k]) for k in before), "an rloo iteration did not move the LoRA"
+
+
+def test_rloo_k_below_two_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"rloo_k must be an integer >= 2.*got 1"):
+        make_module(tiny, advantage="rloo", rloo_k=1)
+
+
+def test_repeat_rows_puts_the_k_samples_of_a_prompt_next_to_each_other():
+    from rs_lightning.tasks.text.rollout import repeat_rows
+
+    batch = {"input_ids": torch.tensor([[1, 2], [3, 4]]), "ids": ["a", "b"], "labels": [None, None]}
+    out = repeat_rows(batch, 3)
+    assert out["input_ids"].tolist() == [[1, 2]] * 3 + [[3, 4]] * 3
+    assert out["ids"] == ["a", "a", "a", "b", "b", "b"] and out["labels"] == [None] * 6
+    assert batch["ids"] == ["a", "b"]  # the loader's batch is left as it is
+
+
+def test_rloo_mid_epoch_resume_matches_uninterrupted_run(tiny, tmp_path):
+    """The k-fold repetition happens inside training_step: a checkpoint taken after a prompt batch resumes on the
+    next prompt batch and ends where the uninterrupted run ends."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kw, data = dict(advantage="rloo", rloo_k=2), dict(batch_size=8)
+    L.seed_everything(0)
+    straight, seen = make_module(tiny, **kw), BatchIds()
+    make_trainer(tmp_path / "straight", iterations=2, callbacks=[seen]).fit(straight, make_data(tiny, **data))
+    steps = straight.trainer.global_step // 2
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=steps, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="killed"):
+        make_trainer(tmp_path / "first", iterations=2, callbacks=[ckpt, KillAfter(2)], enable_checkpointing=True).fit(
+            make_module(tiny, **kw), make_data(tiny, **data))
+    L.seed_everything(7)
+    resumed, seen_2 = make_module(tiny, **kw), BatchIds()
+    make_trainer(tmp_path / "resumed", iterations=2, callbacks=[seen_2]).fit(
+        resumed, make_data(tiny, **data), ckpt_path=str(next((tmp_path / "ckpt").glob(f"*step={steps}.ckpt"))))
+    assert seen_2.ids == seen.ids[1:] and len(seen.ids[0]) == 8
+    a, b = adapter(straight), adapter(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_critic_free_export_and_checkpoint_have_no_value_head(tiny, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    module = make_module(tiny, advantage="sequence")
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    make_trainer(tmp_path, iterations=1, callbacks=[ckpt, ExportExpert(str(tmp_path / "expert"))],
+                 enable_checkpointing=True).fit(module, make_data(tiny))
+    expert = tmp_path / "expert"
+    assert (expert / "adapter_model.safetensors").is_file() and not (expert / "value_head.safetensors").exists()
+    info = json.loads((expert / "expert.json").read_text())
+    assert info["advantage"] == "sequence" and info["kl_reference"] == "init"
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert any(".lora_A." in k for k in state) and not [k for k in state if "value_head" in k]
+    fresh = TextPPOModule.load_from_checkpoint(str(last), rewards=[e_reward()])
+    assert fresh.value_head is None
+    loaded, trained = adapter(fresh), adapter(module)
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    with pytest.raises(KeyError, match="value_head.*advantage='sequence' builds none"):
+        fresh.on_load_checkpoint({"state_dict": {"value_head.summary.bias": torch.zeros(1)}})
+
+
+def test_fsdp_wraps_and_exports_no_value_head_in_critic_free_modes(tiny, tmp_path, monkeypatch):
+    """shard_policy / full_state_dicts / export with value_head None, FSDP replaced by a recording stand-in (a real
+    FSDP run needs a GPU: tests/test_gpu.py)."""
+    import contextlib
+
+    import torch.distributed.fsdp as torch_fsdp
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from rs_lightning.tasks.text import fsdp
+    from rs_lightning.tasks.text.export import export_expert
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            self.module = module
+
+        @staticmethod
+        def state_dict_type(*args):
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch_fsdp, "FullyShardedDataParallel", StandIn)
+    module = make_module(tiny, advantage="rloo")
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(parallel_devices=[torch.device("cpu")]))
+    assert fsdp.shard_policy(module)
+    assert isinstance(module.policy, StandIn) and module.value_head is None
+    policy_state, head_state = fsdp.full_state_dicts(module, world_size=1)
+    assert head_state is None and any("lora_A" in k for k in policy_state)
+    module._trainer = None
+    export_expert(module, tmp_path / "expert", states=(policy_state, head_state))
+    assert (tmp_path / "expert" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "expert" / "value_head.safetensors").exists()
+
+
+# ---- 9. KL reference: the initial adapter (default) or the base model (the paper's TRL 0.4) ------------------------
+
+def test_kl_reference_base_disables_the_initial_adapter(tiny, sft_adapter, tmp_path):
+    from rs_lightning.tasks.text.model_loading import load_causal_lm
+
+    L.seed_everything(0)
+    module = make_module(tiny, init_adapter=sft_adapter, kl_reference="base")
+    assert not reference_state(module), "kl_reference=base needs no frozen copy of the adapter"
+    data = make_data(tiny)
+    data.setup("fit")
+    ro = _rollout(module, data)
+    bare, _ = load_causal_lm(tiny.model)
+    with torch.no_grad():
+        with pol.reference_policy(module.policy, "base"):
+            ref_lp = response_forward(module.policy, None, ro)["logprobs"]
+        policy_lp = response_forward(module.policy, None, ro)["logprobs"]  # the adapter is back on after the block
+        torch.testing.assert_close(ref_lp, response_forward(bare, None, ro)["logprobs"], rtol=0, atol=1e-5)
+    assert (policy_lp - ref_lp).abs().max() > 1e-2, "the policy (SFT adapter on) equals its reference"
+    rec = Record()
+    make_trainer(tmp_path, iterations=1, callbacks=[rec]).fit(module, data)
+    assert rec.series("train/kl")[0] > 0.01  # the SFT start is already away from the base model (init: exactly 0)
+    with pytest.raises(ValueError, match="kl_reference must be one of .*'sft'"):
+        make_module(tiny, kl_reference="sft")
+
+
+# ---- 10. scripts/compare_estimators.py ------------------------------------------------------------------------------
+
+def _compare_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_estimators.py"
+    spec = importlib.util.spec_from_file_location("compare_estimators", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_compare_estimators_summary_exact_values():
+    script = _compare_script()
+    row = lambda i, r, kl, cpu: {"iteration": i, "reward": r, "kl": kl, "cpu_s": cpu, "samples": 4, "prompts": 4}  # noqa: E731
+    runs = {"a": [row(1, 0.0, 0.0, 30), row(2, 0.3, 1.0, 60), row(3, 0.6, 2.0, 90), row(4, 0.9, 3.0, 120)],
+            "b": [row(1, 0.1, 0.0, 60), row(2, 0.1, 0.5, 120), row(3, 0.4, 1.5, 180), row(4, 0.4, 1.0, 240)]}
+    summary = script.summarise(runs, window=2)
+    assert summary["kl_level"] == 1.5  # the smallest peak KL: every run reaches it
+    a, b = summary["estimators"]["a"], summary["estimators"]["b"]
+    assert a["gain"] == pytest.approx(0.75 - 0.0) and a["gain_per_cpu_minute"] == pytest.approx(0.75 / 2)
+    assert b["gain"] == pytest.approx(0.4 - 0.1) and b["gain_per_cpu_minute"] == pytest.approx(0.3 / 4)
+    # a: peak KL 1.0 -> 2.0 between iterations 2 and 3, smoothed rewards 0.15 -> 0.45: 0.30 at KL 1.5.
+    assert a["gain_at_kl_level"] == pytest.approx(0.30)
+    # b: reaches 1.5 exactly at iteration 3 (smoothed 0.25); its later KL drop does not count (running max).
+    assert b["gain_at_kl_level"] == pytest.approx(0.25 - 0.1)
+    assert script.reward_at_kl([1.0, 2.0], [0.0, 0.5], level=1.0) is None
+
+
+def _replicate(estimator, seed, r_start, r_end, kl_end, cpu_s=60.0):
+    """A run record with only what the replicate summary reads."""
+    return {"estimator": estimator, "seed": seed, "iterations": 2, "complete": True, "train_cpu_s": cpu_s,
+            "eval_start": {"reward": r_start, "kl": 0.0, "kl_sampled": 0.0},
+            "eval_end": {"reward": r_end, "kl": kl_end, "kl_sampled": kl_end},
+            "rows": [{"kl": 0.0}, {"kl": kl_end}]}
+
+
+def test_compare_estimators_replicate_statistics_and_verdicts():
+    script = _compare_script()
+    ci = script.mean_ci([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / 3 ** 0.5  # t(0.975, df 2) * sd 1 / sqrt(3)
+    assert (ci["mean"], ci["sd"]) == (2.0, 1.0) and (ci["low"], ci["high"]) == pytest.approx((2 - half, 2 + half))
+    assert script.mean_ci([0.5])["low"] is None and script.mean_ci([])["mean"] is None
+    # One CPU minute per run: gain per CPU minute = held-out gain. a beats b at indistinguishable KL; c beats b but
+    # drifts further (KL +0.9..1.1 on every seed); a beats c, KLs indistinguishable.
+    gains = {"a": [0.30, 0.32, 0.31], "b": [0.10, 0.13, 0.10], "c": [0.20, 0.23, 0.21]}
+    kls = {"a": [1.0, 1.5, 0.8], "b": [1.2, 0.9, 1.0], "c": [2.1, 1.9, 2.1]}
+    records = [_replicate(e, s, 0.4, 0.4 + gains[e][s], kls[e][s]) for s in range(3) for e in "abc"]
+    summary = script.replicate_summary(records, ["a", "b", "c"])
+    a = summary["estimators"]["a"]
+    assert a["gain_per_cpu_minute"]["mean"] == pytest.approx(0.31) and a["kl_end"]["mean"] == pytest.approx(1.1)
+    assert a["reward_start"]["mean"] == pytest.approx(0.4) and a["cpu_minutes"]["mean"] == pytest.approx(1.0)
+    ab, cb, ac = (summary["pairs"][k] for k in ("a - b", "b - c", "a - c"))
+    assert ab["gain_per_cpu_minute"]["values"] == pytest.approx([0.20, 0.19, 0.21])
+    assert ab["verdict"] == ("a gains more per CPU minute than b; end KLs indistinguishable at 95 % "
+                             "(equal KL not rejected)")
+    assert cb["kl_end"]["values"] == pytest.approx([-0.9, -1.0, -1.1])
+    assert cb["verdict"] == ("c gains more per CPU minute than b but also drifts further (end KL higher at 95 %): "
+                             "not a win at equal KL")
+    assert ac["verdict"].startswith("a gains more per CPU minute than c; end KLs indistinguishable")
+    assert summary["overall"].startswith("a gains more reward per CPU minute than every other estimator")
+    # Gains that do not separate: no winner, whatever the KLs.
+    flat = [_replicate(e, s, 0.4, 0.4 + 0.1 * (1 + (s + i) % 3), 1.0) for s in range(3)
+            for i, e in enumerate("ab")]
+    flat_summary = script.replicate_summary(flat, ["a", "b"])
+    assert flat_summary["pairs"]["a - b"]["verdict"].startswith("indistinguishable at 95 %")
+    assert flat_summary["overall"].startswith("no estimator")
+    lower = script.pair_verdict("x", "y", script.mean_ci([0.1, 0.11, 0.12]), script.mean_ci([-1.0, -1.1, -0.9]))
+    assert lower == "x gains more per CPU minute than y, with a lower end KL (at 95 %)"
+    single = script.replicate_summary([_replicate(e, 0, 0.4, 0.5, 1.0) for e in "ab"], ["a", "b"])
+    assert single["pairs"]["a - b"]["verdict"].startswith("n/a")
+
+
+def test_compare_estimators_quick_runs_end_to_end(tmp_path):
+    script = _compare_script()
+    out = tmp_path / "compare.json"
+    result = script.main(["--quick", "--seeds", "0", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+    runs = result["runs"]
+    assert [(r["seed"], r["estimator"]) for r in runs] == [(s, e) for s in (0, 1) for e in ("gae", "sequence", "rloo")]
+    for r in runs:
+        rows = r["rows"]
+        assert [row["iteration"] for row in rows] == [1, 2] and all(row["samples"] == 8 for row in rows)
+        assert 0 < rows[0]["cpu_s"] <= rows[1]["cpu_s"] <= r["train_cpu_s"] and r["complete"]
+        for stage in ("eval_start", "eval_end"):  # the same 4 held-out prompts, greedy reward and sampled KL
+            assert r[stage]["prompts"] == 4 and len(r[stage]["kl_per_prompt"]) == 4
+            assert {"reward", "reward/vader", "kl", "kl_sampled"} <= set(r[stage])
+        assert r["eval_start"]["kl"] == pytest.approx(0.0, abs=1e-4)  # the start policy is the reference
+        assert r["eval_start"]["reused"] == (r is not runs[0])  # same start weights: evaluated once
+        prompts = {"rloo": 4}.get(r["estimator"], 8)  # same samples per iteration, k=2 per prompt for rloo
+        assert rows[0]["prompts"] == prompts
+    by = {(r["seed"], r["estimator"]): r for r in runs}
+    for seed in (0, 1):  # gae and sequence sample the same first batch of a seed from the same start
+        assert by[seed, "gae"]["rows"][0]["reward"] == by[seed, "sequence"]["rows"][0]["reward"]
+    assert result["start_eval_consistent"] and not result["failures"]
+    summary = result["summary"]
+    assert summary["estimators"]["gae"]["gain_per_cpu_minute"]["n"] == 2
+    assert summary["estimators"]["gae"]["gain_per_cpu_minute"]["low"] is not None
+    assert set(summary["pairs"]) == {"gae - sequence", "gae - rloo", "sequence - rloo"}
+    assert set(result["train_summary"]) == {"0", "1"}
+    # --reuse: the complete runs of an earlier JSON are taken as they are, only the missing ones run (here seed 2),
+    # and they reuse its start evaluation.
+    more = script.main(["--quick", "--seeds", "0", "1", "2", "--estimators", "gae,rloo", "--reuse", str(out),
+                        "--out", str(tmp_path / "more.json")])
+    assert json.loads((tmp_path / "more.json").read_text())["settings"]["reuse"] == [str(out)]
+    assert [(r["seed"], r["estimator"]) for r in more["runs"]] == [(s, e) for s in (0, 1, 2) for e in ("gae", "rloo")]
+    assert [r for r in more["runs"] if r["seed"] < 2] == [by[s, e] for s in (0, 1) for e in ("gae", "rloo")]
+    assert all(r["eval_start"]["reused"] for r in more["runs"] if r["seed"] == 2)
+    assert more["reused_from"][0]["runs_taken"] == ["gae-0", "rloo-0", "gae-1", "rloo-1"]
+    with pytest.raises(ValueError, match="iterations"):
+        script.main(["--quick", "--iterations", "1", "--reuse", str(out)])
+
+
+def test_compare_estimators_wall_budget_cuts_and_skips_runs():
+    result = _compare_script().main(["--quick", "--wall-minutes", "0", "--estimators", "sequence,rloo"])
+    # Out of time: the first run stops after one iteration, the next one is not started (it could not end in time).
+    assert [(r["estimator"], len(r["rows"]), r["complete"]) for r in result["runs"]] == [("sequence", 1, False)]
+    assert [r["estimator"] for r in result["skipped"]] == ["rloo"]
+    # A cut run is not comparable with complete ones: it stays out of the summary.
+    assert result["summary"]["estimators"]["sequence"]["seeds"] == []
+    assert result["summary"]["pairs"]["sequence - rloo"]["verdict"].startswith("n/a")
+
+
+def test_compare_estimators_parallel_workers_match_in_process(tmp_path):
+    script = _compare_script()
+    args = ["--quick", "--estimators", "sequence,rloo", "--seeds", "3", "--kl-prompts", "2"]
+    serial = script.main(args)
+    parallel = script.main([*args, "--jobs", "2", "--out", str(tmp_path / "p.json")])
+    assert (tmp_path / "p.logs" / "worker0.log").exists() and not parallel["failures"]
+    for a, b in zip(serial["runs"], parallel["runs"], strict=True):  # each run in its own worker process
+        assert (a["estimator"], a["seed"]) == (b["estimator"], b["seed"])
+        assert [r["reward"] for r in a["rows"]] == [r["reward"] for r in b["rows"]]
+        assert a["eval_end"]["kl_per_prompt"] == b["eval_end"]["kl_per_prompt"] and b["eval_end"]["kl_prompts"] == 2
+        assert a["eval_end"]["reward"] == b["eval_end"]["reward"]
