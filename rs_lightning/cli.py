@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in LIGHTNING_SUBCOMMANDS:
         from rs_lightning.lightning_cli import run_lightning_cli
 
-        run_lightning_cli([command, *rest])
-        return 0
+        return run_lightning_cli([command, *rest])
     if command in OUR_SUBCOMMANDS:
         module = importlib.import_module(f"rs_lightning.commands.{command}")
         return int(module.main(rest) or 0)

@@ -245,7 +245,7 @@ def test_lora_adapter_folders_are_souped_in_place_through_the_peft_hook(tmp_path
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rs_lightning.front.checkpoints import peft_soup_state_dict
+    from rs_lightning.soup.lora import live_adapter_state
 
     def tiny_lora():
         torch.manual_seed(0)
@@ -261,7 +261,7 @@ def test_lora_adapter_folders_are_souped_in_place_through_the_peft_hook(tmp_path
             self.seen = []
 
         def soup_state_dict(self):
-            return peft_soup_state_dict(self.policy)
+            return live_adapter_state(self.policy)
 
         def test_step(self, batch, batch_idx):
             self.seen.append({k: v.clone() for k, v in self.soup_state_dict().items()})

@@ -141,13 +141,21 @@ def test_misaligned_views_get_their_own_launch(monkeypatch):
 
 
 @needs_cpu_kernel
-def test_new_weights_reuse_cached_tables():
+def test_new_weights_reuse_cached_tables(monkeypatch):
+    # A fresh cache, so what is in it after the first call is this test's tables only.
+    monkeypatch.setattr(ti, "_table_cache", type(ti._table_cache)())
     xs = _inputs(SHAPES, torch.float32, 2)
     outs = [torch.empty(s) for s in SHAPES]
+    first = None
     for lam in (0.0, 0.3, 1.0, 1.7):
         ti.weighted_sum_(outs, xs, [1.0 - lam or 1e-3, lam or 1e-3], block=BLOCK)
         for j, out in enumerate(outs):
             _assert_soup(out, [x[j] for x in xs], [1.0 - lam or 1e-3, lam or 1e-3])
+        # The same tensors with new weights (a front sweep's next lam): the very same table tensors, no new entry.
+        tables = {key: (id(meta), id(tiles), n) for key, (meta, tiles, n) in ti._table_cache.items()}
+        assert tables, "the launch cached no table"
+        first = first or tables
+        assert tables == first, f"lam={lam}: new weights built new tables instead of reusing the cached ones"
 
 
 def test_tile_tables():

@@ -150,16 +150,3 @@ def check_fit(target: Mapping[str, Tensor], named: Sequence[tuple[Checkpoint, Ma
                 "load the module in the checkpoints' dtype (e.g. trainer.precision / the task's dtype argument)"
             )
     return len(keys)
-
-
-def peft_soup_state_dict(peft_model, adapter_name: str = "default") -> dict[str, Tensor]:
-    """A LoRA task's `soup_state_dict()`: the live adapter tensors under PEFT's saved names.
-
-        def soup_state_dict(self):
-            return peft_soup_state_dict(self.policy)
-
-    See `rs_lightning.soup.lora.live_adapter_state` (raises SoupError if PEFT returned copies).
-    """
-    from rs_lightning.soup.lora import live_adapter_state
-
-    return live_adapter_state(peft_model, adapter_name)

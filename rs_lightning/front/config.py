@@ -10,6 +10,7 @@
       morl: [{path: m.ckpt, mu: [0.5, 0.5]}]         # optional, one per MORL preference
       grid: {kind: auto, points: 11, low: 0.0, high: 1.0, m: 10}
       allow_extrapolation: false
+      allow_nonfinite: false                         # checkpoints holding NaN/inf are refused unless true
       out_dir: runs/front/NAME
       validate: true                                 # default: also trainer.validate, the rows lam* is picked on
       summary: {rewards: [r1, r2], ideal: [...], nadir: [...], preferences: [[0.5, 0.5]],
@@ -60,6 +61,11 @@ Other forms:
   rs front select --preference MU1 MU2 ... RUN_DIR [--split val|test] [--write-soup OUT]
                                                                         lam* for a preference (and its soup)
   rs front report RUN_DIR                                               redo summary.json and the plots
+
+The whole config is checked before the model is built (a reward that is not logged: after the first point,
+before anything is written); one process writes a run folder at a time (a second one stops at once: "run
+folder ... is in use by pid N"). Exit status: 0 done; 2 bad config, checkpoints or run folder, or the folder
+in use (nothing written); 1 a write failed (disk full: the finished rows are kept, re-run to resume).
 """
 
 
@@ -83,6 +89,8 @@ class FrontSpec:
         morl: MORL checkpoints, each with the `mu` it was trained on (optional).
         grid: the weight grid (see grids.GridSpec).
         allow_extrapolation: accept negative weights (they must still sum to 1).
+        allow_nonfinite: sweep checkpoints holding NaN/inf (refused by default, naming the key and file;
+            e.g. a -inf attention-mask buffer every expert shares).
         out_dir: run folder.
         validate: also run trainer.validate per point (default); lam* is selected on the validation rows.
             With false, summary.select_on must be "test" (an explicit, optimistic choice).
@@ -96,6 +104,7 @@ class FrontSpec:
     morl: list[CheckpointSpec] = field(default_factory=list)
     grid: GridSpec = field(default_factory=GridSpec)
     allow_extrapolation: bool = False
+    allow_nonfinite: bool = False
     out_dir: str = "runs/front"
     validate: bool = True
     target_prefix: str | None = None

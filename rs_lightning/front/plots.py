@@ -34,9 +34,10 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
+    from rs_lightning.front.errors import naming_writes
     from rs_lightning.soup.atomic import atomic_file
 
-    with atomic_file(path, "wb") as f:
+    with naming_writes(path), atomic_file(path, "wb") as f:
         fig.savefig(f, format="png", dpi=130, bbox_inches="tight")
     return path
 

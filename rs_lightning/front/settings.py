@@ -6,6 +6,8 @@ None of it changes the rows, so every setting can be changed afterwards and the 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,9 +72,34 @@ class SummarySettings:
         elif (self.ideal is None) != (self.nadir is None):
             raise ValueError("summary.ideal and summary.nadir go together: give both or neither "
                              "(or set summary.nadir_from: init / worst to take the nadir from the rows)")
-        sizes = {f: len(getattr(self, f)) for f in ("rewards", "ideal", "nadir", "reference") if getattr(self, f)}
-        sizes.update({f"preferences[{i}]": len(p) for i, p in enumerate(self.preferences or [])})
+        for i, mu in enumerate(self.preferences or []):
+            if not mu or not all(math.isfinite(m) and m >= 0 for m in mu) or not any(m > 0 for m in mu):
+                raise ValueError(f"summary.preferences[{i}] is {list(mu)}: a preference must be finite, >= 0 and not "
+                                 "all zero (one weight per reward, normalised to sum 1)")
+        for name in ("ideal", "nadir", "reference"):
+            values = getattr(self, name)
+            if values is not None and not all(math.isfinite(v) for v in values):
+                raise ValueError(f"summary.{name} is {list(values)}: every value must be finite")
+        sizes = self._sizes()
         if len(set(sizes.values())) > 1:
             raise ValueError(f"summary settings disagree on the number of rewards: {sizes}")
         if self.ideal is not None and self.nadir is not None:
             Normalisation(tuple(self.ideal), tuple(self.nadir))
+
+    def _sizes(self) -> dict[str, int]:
+        sizes = {f: len(getattr(self, f)) for f in ("rewards", "ideal", "nadir", "reference") if getattr(self, f)}
+        sizes.update({f"preferences[{i}]": len(p) for i, p in enumerate(self.preferences or [])})
+        return sizes
+
+    def check_names(self, logged: Sequence[str]) -> None:
+        """Raise ValueError unless the rewards these settings score are logged and every per-reward list has one
+        value per scored reward; `logged` are the names the module logs (known once a first point has run)."""
+        missing = [n for n in self.rewards or [] if n not in logged]
+        if missing:
+            raise ValueError(f"summary.rewards: {missing[0]!r} is not logged by the module, which logs "
+                             f"{', '.join(logged) or 'no reward'}: fix the name, or log the reward in the task")
+        names = list(self.rewards or logged)
+        for setting, n in self._sizes().items():
+            if n != len(names):
+                raise ValueError(f"summary.{setting} has {n} values but the sweep scores {len(names)} rewards "
+                                 f"({', '.join(names)}): give one per reward")

@@ -154,10 +154,11 @@ def _lmc(rows, values, valid, experts, soups, names) -> dict:
 
 def write_summary(out_dir: str | Path, summary: dict) -> Path:
     """Write summary.json atomically."""
+    from rs_lightning.front.errors import naming_writes
     from rs_lightning.soup.atomic import atomic_file
 
     path = Path(out_dir) / SUMMARY_FILE
-    with atomic_file(path) as f:
+    with naming_writes(path), atomic_file(path) as f:
         json.dump(summary, f, indent=2, allow_nan=False, default=_json_default)
     return path
 

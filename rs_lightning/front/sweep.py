@@ -13,6 +13,12 @@ Re-running skips the points already on disk, so a killed sweep resumes and loses
 progress. Rewards are torchmetrics Metrics in the task, so the sync across devices is Lightning's; rows are
 written by global rank 0 only.
 
+Everything that can be checked is checked before the first row is written: the grid, the MORL preferences,
+the checkpoints (they fit the module and each other, and hold no NaN/inf unless `allow_nonfinite`: checked
+once at load, not at every point), the rows already on disk; then the first point runs and the reward names
+it logged are checked against `rewards` and the MORL mu lengths (and `check_names`, e.g. the CLI's summary
+settings). Only then are run.json and the first row written, so a refused sweep leaves its folder as it was.
+
 Points, in order: each expert (one-hot weights; the grid's one-hot points are these rows, bit for bit,
 and are not evaluated twice), every other grid point (kind "soup"), the init, each MORL run.
 
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +41,12 @@ from rs_lightning.front.checkpoints import Checkpoint, check_fit, fingerprint, l
 from rs_lightning.front.errors import FrontError
 from rs_lightning.front.evaluate import counter_callback, evaluate, quiet_lightning, quiet_trainer
 from rs_lightning.front.grids import one_hot_index, weights_label
+from rs_lightning.front.preflight import NameCheck, RunFile, check_finite, check_morl_mu, run_info
 from rs_lightning.front.rows import FRONT_FILE, RowStore, clean_rewards, point_key, stable_hash
+from rs_lightning.front.runs import RUN_FILE
 from rs_lightning.soup import interpolate, validate_weights
 
-RUN_FILE = "run.json"
+__all__ = ["RUN_FILE", "Point", "check_morl_mu", "plan_points", "point_name", "run_sweep"]
 
 
 @dataclass
@@ -108,6 +116,8 @@ def run_sweep(
     cache_checkpoints: bool = True,
     progress: bool = True,
     meta: dict | None = None,
+    allow_nonfinite: bool = False,
+    check_names: Callable[[list[str]], None] | None = None,
 ) -> list[dict]:
     """Evaluate the experts, every grid soup, the init and the MORL runs; append rows to out_dir/front.jsonl.
 
@@ -133,13 +143,18 @@ def run_sweep(
         cache_checkpoints: hold all checkpoints in memory (fast); False re-reads them at every point.
         progress: show one tqdm bar over the points.
         meta: extra JSON written into run.json (e.g. the summary settings of the CLI).
+        allow_nonfinite: sweep checkpoints holding NaN/inf (refused by default, naming the key and file).
+        check_names: called with the reward names the first point logged, before anything is written;
+            raises FrontError to refuse the sweep (the CLI checks its summary settings against them).
 
     Returns:
         The rows of this sweep's points, in plan order.
 
     Raises:
-        FrontError / SoupError: bad grid, checkpoints that do not fit the module or each other, or rows on
-            disk from another config; all before any point runs.
+        FrontError / SoupError: bad grid or MORL mu, checkpoints that do not fit the module or each other
+            or hold NaN/inf, or rows on disk from another config (all before any point runs); a reward in
+            `rewards` that the module does not log (after the first point, before anything is written).
+        OSError: a write failed (naming the file); the rows written before it are kept (resume).
     """
     from tqdm.auto import tqdm
 
@@ -148,12 +163,16 @@ def run_sweep(
     if not grid:
         raise FrontError("the grid is empty: give at least one weight vector")
     points = plan_points(experts, grid, init=init, morl=morl)
+    check_morl_mu(morl, rewards)
     if validate:
         _check_can_validate(module, datamodule)
     loaded = [(e, load_checkpoint(e, cache=cache_checkpoints)) for e in experts]
     extras = {id(c): load_checkpoint(c, cache=cache_checkpoints) for c in [*([init] if init else []), *morl]}
+    named = loaded + [(c, extras[id(c)]) for c in [*([init] if init else []), *morl]]
     target = soup_target(module, target_prefix)
-    n_keys = check_fit(target, loaded + [(c, extras[id(c)]) for c in [*([init] if init else []), *morl]])
+    n_keys = check_fit(target, named)
+    if not allow_nonfinite:
+        check_finite(named)  # once here: every point then soups with allow_nonfinite=True (no pass per point)
     if config_hash is None:
         config_hash = stable_hash([
             type(module).__qualname__, dict(getattr(module, "hparams", {})),
@@ -165,9 +184,12 @@ def run_sweep(
     # Under DDP every rank runs this function; only global rank 0 touches the files.
     is_writer = bool(getattr(trainer, "is_global_zero", True))
     store = RowStore(out_dir / FRONT_FILE, config_hash, overwrite=overwrite and is_writer)
-    if is_writer:
-        _write_run_file(out_dir, experts, init, morl, config_hash, n_keys, len(target), allow_extrapolation,
-                        target_prefix, meta)
+    checks = NameCheck(rewards, morl, check_names)
+    done = [store.get(p.key) for p in points if store.get(p.key) is not None]
+    if done:
+        checks(list(done[0]["rewards"]), "test")  # nothing to evaluate first: the rows on disk say what is logged
+    run_file = RunFile(out_dir, lambda: run_info(experts, init, morl, config_hash, n_keys, len(target),
+                                                    allow_extrapolation, target_prefix, points, meta))
 
     from rs_lightning.front.per_example import collector_callback
 
@@ -182,10 +204,15 @@ def run_sweep(
             for point in todo:
                 bar.set_postfix_str(f"{point.kind} {point.name}", refresh=True)
                 row = _run_point(point, module, datamodule, trainer, (counter, collector), sources, extras,
-                                 target_prefix, allow_extrapolation, rewards, validate, seed)
+                                 target_prefix, allow_extrapolation, rewards, validate, seed,
+                                 None if checks.done else checks)
                 if is_writer:
-                    store.append(row)
+                    with run_file.writing():
+                        store.append(row)
                 bar.update(1)
+        if is_writer:
+            with run_file.writing():  # when every point was on disk: run.json still records this grid
+                pass
     finally:
         bar.close()
         for cb in added:
@@ -210,14 +237,17 @@ def _check_can_validate(module, datamodule) -> None:
 
 
 def _run_point(point, module, datamodule, trainer, callbacks, sources, extras, target_prefix,
-               allow_extrapolation, rewards, validate, seed) -> dict:
+               allow_extrapolation, rewards, validate, seed, check=None) -> dict:
     counter, collector = callbacks
     start = time.perf_counter()
     target = soup_target(module, target_prefix)  # fresh: the module may have moved device since last time
+    # allow_nonfinite=True: run_sweep checked every checkpoint once at load (or was told to let NaN/inf through);
+    # checking again here would scan every source at every point. An extrapolated soup that overflows is then
+    # evaluated like any point, and its non-finite rewards make it an invalid row, not a stopped sweep.
     if point.extra is None:
-        interpolate(sources, point.weights, out=target, allow_extrapolation=allow_extrapolation)
+        interpolate(sources, point.weights, out=target, allow_extrapolation=allow_extrapolation, allow_nonfinite=True)
     else:
-        interpolate([extras[id(point.extra)]], [1.0], out=target)
+        interpolate([extras[id(point.extra)]], [1.0], out=target, allow_nonfinite=True)
     row: dict = {"kind": point.kind, "name": point.name, "weights": point.weights,
                  "mu": point.extra.mu if point.extra is not None else None}
     stages = ["test", "validate"] if validate else ["test"]
@@ -227,6 +257,8 @@ def _run_point(point, module, datamodule, trainer, callbacks, sources, extras, t
 
             seed_everything(seed, verbose=False)
         values, samples, per_example = evaluate(trainer, module, datamodule, stage, counter, collector)
+        if check is not None:
+            check(list(values), stage)
         clean, bad = clean_rewards(values, rewards or ())
         _check_per_example(per_example, values, stage)
         if stage == "test":
@@ -255,28 +287,3 @@ def _check_per_example(per_example: dict, logged: dict, stage: str) -> None:
     sizes = {name: len(v) for name, v in per_example.items()}
     if len(set(sizes.values())) > 1:
         raise FrontError(f"{step} returned per-example rewards of different lengths {sizes}: one score per example")
-
-
-def _write_run_file(out_dir, experts, init, morl, config_hash, n_keys, n_target, allow_extrapolation,
-                    target_prefix, meta) -> None:
-    import json
-
-    from rs_lightning.soup.atomic import atomic_file
-
-    def desc(c: Checkpoint, kind: str) -> dict:
-        return {"name": point_name(c, kind), "path": c.path, "prefix": c.prefix, "mu": c.mu}
-
-    info = {
-        "config_hash": config_hash,
-        "weight_convention": "weights aligned with `experts`: theta = sum_i w_i theta_i (2 experts: lam = w_2)",
-        "experts": [desc(e, "expert") for e in experts],
-        "init": desc(init, "init") if init else None,
-        "morl": [desc(m, "morl") for m in morl],
-        "allow_extrapolation": allow_extrapolation,
-        "target_prefix": target_prefix,
-        "souped_tensors": n_keys,
-        "module_tensors": n_target,
-        **(meta or {}),
-    }
-    with atomic_file(Path(out_dir) / RUN_FILE) as f:
-        json.dump(info, f, indent=2)

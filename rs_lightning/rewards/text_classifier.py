@@ -26,7 +26,6 @@ import inspect
 import os
 import re
 import string
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from rs_lightning.rewards.base import HeldObject, TextRewardMetric
 
-__all__ = ["PAPER_REWARD_MODELS", "TextClassifierReward", "first_sentence", "paper_reward_models", "parse_output"]
+__all__ = ["PAPER_REWARD_MODELS", "TextClassifierReward", "first_sentence", "parse_output"]
 
 InputFormat = Literal["response", "prompt_sep_response", "summary_article"]
 _INPUT_FORMATS = ("response", "prompt_sep_response", "summary_article")
@@ -267,8 +266,3 @@ class TextClassifierReward(TextRewardMetric):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, model={self.model_name!r}, output={self.output!r}, input={self.input_format!r}"
-
-
-def paper_reward_models(names: Sequence[str] | None = None) -> list[TextClassifierReward]:
-    """Instantiate (lazily) the paper's RMs, all of them or those in ``names``."""
-    return [TextClassifierReward.from_paper(n) for n in (names or list(PAPER_REWARD_MODELS))]

@@ -216,7 +216,6 @@ def ppo_loss(
     clip_range: float = 0.2,
     clip_range_value: float = 0.2,
     vf_coef: float = 0.1,
-    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total PPO loss = policy loss + vf_coef * value loss (TRL; no entropy bonus, as in the paper).
 
@@ -224,19 +223,15 @@ def ppo_loss(
         logprobs, old_logprobs, advantages, mask, clip_range: see `ppo_policy_loss`.
         values, old_values, returns, clip_range_value: see `ppo_value_loss`.
         vf_coef: weight of the value loss (paper/TRL: 0.1).
-        logits: optional [B, T, V] response logits, only to report the masked mean entropy.
 
     Returns:
-        (loss, stats): the union of both loss stats, plus "loss" and, with logits, "entropy".
+        (loss, stats): the union of both loss stats, plus "loss".
     """
     policy_loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
     value_loss, value_stats = ppo_value_loss(values, old_values, returns, mask, clip_range_value)
     loss = policy_loss + vf_coef * value_loss
     stats.update(value_stats)
     stats["loss"] = loss.detach()
-    if logits is not None:
-        with torch.no_grad():
-            stats["entropy"] = masked_mean(entropy_from_logits(logits), mask)
     return loss, stats
 
 

@@ -78,7 +78,10 @@ class CLIPScore(CaptionRewardMetric):
         from rs_lightning.tasks.captioning.model import register_tiny_configs
 
         register_tiny_configs()
-        clip = open_clip.create_model(self.model_name, pretrained=self.pretrained).eval().requires_grad_(False)
+        # weights_only=True: a pretrained checkpoint is read without running pickled code. It is the default of
+        # the pinned open_clip_torch 3.3.0; said here so another version cannot quietly load with full pickle.
+        clip = open_clip.create_model(self.model_name, pretrained=self.pretrained, weights_only=True)
+        clip = clip.eval().requires_grad_(False)
         self._clip.value = (clip, open_clip.get_tokenizer(self.model_name), clip.visual.preprocess_cfg)
 
     def _prepare_images(self, images: Tensor, cfg: dict, device: torch.device) -> Tensor:
