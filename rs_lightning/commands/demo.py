@@ -34,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "expert per reward, MORL at mu = 0.5, and the front sweep over the lambda grid (lambda = weight "
                     "of the SECOND expert) on validation and test images; then a report whose every figure has a "
                     "95 %% interval (bootstrap over test examples within a replicate, Student t across replicates).",
-        epilog="Outputs: <out>/<task>/rep<r>/front/{front.jsonl,summary.json,front.png}, <out>/<task>/report.{json,md}; "
-               "each stage's config is in <out>/<task>/configs/ (re-run one with rs fit --config ...) and its log "
-               "in <out>/<task>/logs/. Exit status: 0 done; 2 bad arguments, an --out that cannot be written or "
-               "a demo folder another rs demo is writing (nothing started); 1 a stage or a write failed.",
+        epilog="Outputs: <out>/<task>/rep<r>/front/{front.jsonl,summary.json,front.png}, "
+               "<out>/<task>/report.{json,md}; each stage's config is in <out>/<task>/configs/ (re-run one "
+               "with rs fit --config ...) and its log in <out>/<task>/logs/. Exit status: 0 done; 2 bad "
+               "arguments, an --out that cannot be written or a demo folder another rs demo is writing "
+               "(nothing started); 1 a stage or a write failed.",
     )
     p.add_argument("--task", choices=FAMILIES, default="captioning",
                    help="task family (default: captioning, the one whose replicated run fits in 12 minutes on 2 cores)")
