@@ -205,3 +205,24 @@ def test_f_hypervolume_4d(benchmark):
     value = benchmark(hypervolume, pts, np.zeros(4))
     benchmark.extra_info["points"] = len(pts)
     benchmark.extra_info["hv"] = value
+
+
+def test_g_bootstrap_summary_13_points_200_examples(benchmark):
+    """summary.json with its paired bootstrap (1000 draws) for a demo-sized sweep: 13 points x 200 examples."""
+    from rs_lightning.front.summary import SummarySettings, build_summary
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, lam in enumerate([0.0, 1.0, *[j / 10 for j in range(1, 10)]]):
+        per = {"r1": (1 - lam + 0.3 * rng.random(200)).tolist(), "r2": (lam + 0.3 * rng.random(200)).tolist()}
+        kind = "expert" if lam in (0.0, 1.0) else "soup"
+        rows.append({"kind": kind, "name": f"p{i}", "weights": [1 - lam, lam], "mu": None,
+                     "rewards": {k: float(np.mean(v)) for k, v in per.items()}, "per_example": per, "valid": True})
+    for kind in ("init", "morl"):
+        per = {"r1": (0.4 + 0.3 * rng.random(200)).tolist(), "r2": (0.4 + 0.3 * rng.random(200)).tolist()}
+        rows.append({"kind": kind, "name": kind, "weights": None, "mu": [0.5, 0.5] if kind == "morl" else None,
+                     "rewards": {k: float(np.mean(v)) for k, v in per.items()}, "per_example": per, "valid": True})
+    settings = SummarySettings(n_boot=1000, select_on="test")
+    summary = benchmark(build_summary, rows, settings)
+    benchmark.extra_info["points"] = len(rows)
+    benchmark.extra_info["n_boot"] = summary["uncertainty"]["n_boot"]

@@ -1,7 +1,6 @@
 """Paired-bootstrap intervals of a front (rs_lightning.front.uncertainty), the normalisation choices and the
 validation-row selection, checked against a plain-loop float64 reference on awkward sizes."""
 
-import time
 
 import numpy as np
 import pytest
@@ -218,14 +217,12 @@ def test_rows_without_per_example_values_say_there_are_no_intervals():
     assert "e2" in build_summary(rows)["uncertainty"]["skipped"]
 
 
-def test_bootstrap_of_13_points_200_examples_1000_draws_is_fast():
+def test_bootstrap_of_13_points_200_examples_1000_draws_runs():
+    # Its speed is measured in benchmarks/bench_front.py, not asserted here.
     rows, _ = make_rows(n=200, soups=[i / 10 for i in range(1, 10)])
     assert len(rows) == 13
-    start = time.perf_counter()
     summary = build_summary(rows, SummarySettings(n_boot=1000))
-    elapsed = time.perf_counter() - start
     assert summary["uncertainty"]["n_boot"] == 1000
-    assert elapsed < 3.0, f"{elapsed:.2f} s"  # ~0.05 s measured on a shared 2-core machine
 
 
 # ---- normalisation choices -----------------------------------------------------------------------------------

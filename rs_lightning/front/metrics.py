@@ -4,8 +4,8 @@ Every function takes an (n, d) array of reward vectors, larger is better on ever
 pymoo/moocore minimise, so negate before comparing with them). No dependency beyond numpy.
 
 Indicators depend on the scale of each reward, so a front is compared in a normalised space fixed per
-task: `Normalisation(ideal, nadir)` maps the nadir to 0 and the ideal to 1 on every axis (see
-reference/perf.md §2). The hypervolume reference point is then given in the same normalised units.
+task: `Normalisation(ideal, nadir)` maps the nadir to 0 and the ideal to 1 on every axis.
+The hypervolume reference point is then given in the same normalised units.
 """
 
 from __future__ import annotations

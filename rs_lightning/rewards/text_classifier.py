@@ -42,7 +42,8 @@ _OUTPUT_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 _SUMMARY = {"input_format": "summary_article", "first_sentence": True}
 _QA = {"output": "0", "input_format": "prompt_sep_response"}
-#: The paper's reward models (seed-repo §2.4-2.5) and how they were fed. ``context`` is our addition: the
+#: The paper's reward models (its Appendix; public code github.com/alexrame/rewardedsoups) and how they were
+#: fed. ``context`` is our addition: the
 #: task must pass the plain question/article (not the templated prompt) as ``prompts`` for these settings.
 PAPER_REWARD_MODELS: dict[str, dict[str, Any]] = {
     # GPT-2 RM, one logit LABEL_0; input "summary <|endoftext|> article" (the paper used the BOS token, which is

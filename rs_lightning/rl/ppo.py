@@ -1,6 +1,7 @@
 """PPO for text generation as pure functions: log-probs, KL-shaped rewards, GAE, clipped losses, mini-batches.
 
-This is the PPO of TRL 0.4 (the version the paper used, see reference/seed-repo.md section 2.3) with its
+This is the PPO of TRL 0.4 (the version the paper used: its public code, github.com/alexrame/rewardedsoups,
+llama/) with its
 defaults: gamma=1, lam=0.95, clip ranges 0.2 for the policy and the value, vf_coef=0.1, whitened
 advantages. Every [B, T] tensor holds response tokens only, padded on the right, with a mask (1 on real
 tokens). Nothing here knows about Lightning or transformers: a task module computes the tensors and calls

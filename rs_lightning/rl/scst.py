@@ -1,6 +1,7 @@
 """Self-critical sequence training (SCST, Rennie et al. 2017) for the captioning task: baselines and loss.
 
-The paper's captioning code (a fork of ExpansionNet v2, see reference/seed-repo.md section 3) samples k=5
+The paper's captioning code (a fork of ExpansionNet v2; Ramé et al. 2023, public code
+github.com/alexrame/rewardedsoups) samples k=5
 captions per image and uses the leave-one-out mean of the other k-1 rewards as the baseline, with
 loss = mean over samples of (r - b) * (-sum_t log p_t). The greedy-decoding baseline of the original SCST
 is offered too. Rewards are [B, k]: B images, k sampled captions each.

@@ -1,6 +1,7 @@
 """The paper's captioning optimiser: RAdam (betas (0.9, 0.98), eps 1e-9) with "custom_warmup_anneal".
 
-The captioning code (reference/seed-repo.md section 3) warms the learning rate up linearly for `warmup_steps`
+The paper's captioning code (Ramé et al. 2023, public code github.com/alexrame/rewardedsoups) warms the
+learning rate up linearly for `warmup_steps`
 optimizer steps, then multiplies it by `anneal` (0.8) once per epoch, never below `min_lr` (5e-7), with a
 peak of 1e-5 for SCST. Here it is a `LambdaLR` stepped every optimizer step:
 
