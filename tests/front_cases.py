@@ -23,6 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soup_cases import REPO, mounted_tmpfs, snapshot  # noqa: E402
+from soup_cases import lock_holder as _lock_holder  # noqa: E402
 
 QUAD = REPO / "configs" / "front" / "quadratic.yaml"
 ONE_LINE = re.compile(r"^rs [a-z ]+: error: ")
@@ -79,19 +80,7 @@ def finished_run(d: Path) -> Path:
 
 def lock_holder(path: Path, what: str = "run folder") -> int:
     """Another process holding the write lock of `path` until the case ends; returns its pid."""
-    code = ("import sys; from rs_lightning.soup.lock import output_lock\n"
-            f"with output_lock({str(path)!r}, what={what!r}):\n    print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert holder.stdout.readline().strip() == "locked"
-
-    def release():
-        holder.stdin.close()
-        holder.wait(30)
-
-    CLEANUPS.append(contextlib.ExitStack())
-    CLEANUPS[-1].callback(release)
-    return holder.pid
+    return _lock_holder(path, CLEANUPS, what)
 
 
 def read_only_dir(d: Path, fill: Path | None = None) -> Path:

@@ -132,3 +132,21 @@ def rs_subprocess(*args, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "rs_lightning.cli", *map(str, args)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def lock_holder(path: Path, cleanups: list, what: str | None = None) -> int:
+    """Another process holding the write lock of `path` until `cleanups` is closed; returns its pid."""
+    kwargs = "" if what is None else f", what={what!r}"
+    code = ("import sys; from rs_lightning.soup.lock import output_lock\n"
+            f"with output_lock({str(path)!r}{kwargs}):\n    print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert holder.stdout.readline().strip() == "locked"
+
+    def release():
+        holder.stdin.close()
+        holder.wait(30)
+
+    cleanups.append(contextlib.ExitStack())
+    cleanups[-1].callback(release)
+    return holder.pid

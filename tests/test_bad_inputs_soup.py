@@ -19,7 +19,6 @@ import json
 import os
 import re
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ from soup_cases import (  # noqa: E402
     base,
     evil_torch,
     hf_folder,
+    lock_holder,
     mounted_tmpfs,
     snapshot,
     st_file,
@@ -102,19 +102,8 @@ def _disk_full_tmpfs(d, mp):
 
 def _in_use(d, mp):
     srcs = two(d)
-    code = ("import sys; from rs_lightning.soup.lock import output_lock\n"
-            f"with output_lock({str(d / 'soup')!r}):\n    print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
-    assert holder.stdout.readline().strip() == "locked"
-
-    def release():
-        holder.stdin.close()
-        holder.wait(30)
-
-    CLEANUPS.append(contextlib.ExitStack())
-    CLEANUPS[-1].callback(release)
-    return [*srcs, *W, *out(d)], rf"in use by pid {holder.pid}"
+    pid = lock_holder(d / "soup", CLEANUPS)
+    return [*srcs, *W, *out(d)], rf"in use by pid {pid}"
 
 
 def _fifo(d, mp):
