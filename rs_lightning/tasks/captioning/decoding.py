@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rs_lightning.tasks.captioning.incremental import IncrementalDecoder, supports_incremental
+
 
 @dataclass
 class Decoded:
@@ -81,10 +83,14 @@ class CaptionDecoder:
         model: an open_clip CoCa.
         sot_id, eot_id, pad_id: the tokenizer's special ids.
         vocab: `[V']` allowed output token ids (must hold `eot_id`), or None for the full vocabulary.
+        incremental: decode with cached one-token steps (incremental.py) where the model allows; False re-runs
+            the whole prefix at every step (the reference the cache is tested against).
     """
 
-    def __init__(self, model: nn.Module, sot_id: int, eot_id: int, pad_id: int, vocab: Tensor | None = None):
+    def __init__(self, model: nn.Module, sot_id: int, eot_id: int, pad_id: int, vocab: Tensor | None = None,
+                 incremental: bool = True):
         self.model = model
+        self.incremental = incremental
         self.sot_id, self.eot_id, self.pad_id = sot_id, eot_id, pad_id
         proj = model.text_decoder.text_projection
         self.vocab_size = proj.shape[1]
@@ -166,9 +172,33 @@ class CaptionDecoder:
     # -- generation -----------------------------------------------------------------------------------------
 
     def next_logprobs(self, image_embs: Tensor, prefix: Tensor) -> Tensor:
-        """`[N, V']` log-probs of the next token after `prefix` (`[N, L]`, starting with SOT)."""
+        """`[N, V']` log-probs of the next token after `prefix` (`[N, L]`, starting with SOT): the full pass."""
         hidden = decoder_hidden(self.model, image_embs, prefix)[:, -1]
         return F.log_softmax(self.project(hidden), dim=-1)
+
+    def _stepper(self, image_embs: Tensor, first: Tensor):
+        """`next(token)` -> `[N, V']` next-token log-probs: cached one-token steps where the model allows them
+        (incremental.py: O(T) instead of O(T^2) token passes per caption), the full pass otherwise."""
+        if self.incremental and supports_incremental(self.model):
+            state = IncrementalDecoder(self.model, image_embs)
+
+            def step(token: Tensor, reorder: Tensor | None = None) -> Tensor:
+                if reorder is not None:
+                    state.select(reorder)
+                return F.log_softmax(self.project(state.step(token)), dim=-1)
+
+            return step
+        prefix = first[:, :0]
+        embs = image_embs
+
+        def full(token: Tensor, reorder: Tensor | None = None) -> Tensor:
+            nonlocal prefix, embs
+            if reorder is not None:
+                prefix, embs = prefix[reorder], embs[reorder]
+            prefix = torch.cat([prefix, token[:, None]], dim=1)
+            return self.next_logprobs(embs, prefix)
+
+        return full
 
     @torch.no_grad()
     def generate(
@@ -186,8 +216,9 @@ class CaptionDecoder:
         prefix = torch.full((n, 1), self.sot_id, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         tokens, masks, logprobs = [], [], []
-        for _ in range(max_length):
-            logp = self.next_logprobs(image_embs, prefix)
+        step = self._stepper(image_embs, prefix)
+        logp = step(prefix[:, 0])
+        for i in range(max_length):
             if greedy:
                 pos = logp.argmax(-1)
             else:
@@ -198,9 +229,9 @@ class CaptionDecoder:
             masks.append((~done).to(logp.dtype))
             logprobs.append(lp)
             done = done | (token == self.eot_id)
-            prefix = torch.cat([prefix, token[:, None]], dim=1)
-            if bool(done.all()):
+            if bool(done.all()) or i + 1 == max_length:
                 break
+            logp = step(token)
         return Decoded(torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1))
 
     @torch.no_grad()
@@ -230,8 +261,9 @@ class CaptionDecoder:
         done = torch.zeros(b * k, dtype=torch.bool, device=device)
         lengths = torch.zeros(b * k, device=device)
         steps: list[Tensor] = []
-        for _ in range(max_length):
-            logp = self.next_logprobs(embs, prefix)
+        step = self._stepper(embs, prefix)
+        logp = step(prefix[:, 0])
+        for i in range(max_length):
             frozen = torch.full_like(logp[0], float("-inf"))
             frozen[self.eot_index] = 0.0  # a finished beam's one continuation (written as padding below)
             logp = torch.where(done[:, None], frozen, logp)
@@ -247,8 +279,9 @@ class CaptionDecoder:
             lengths = lengths + (~done).to(lengths.dtype)
             done = done | (token == self.eot_id)
             prefix = torch.cat([prefix, token[:, None]], dim=1)
-            if bool(done.all()):
+            if bool(done.all()) or i + 1 == max_length:
                 break
+            logp = step(token, reorder=source)
         final = scores / lengths.reshape(b, k).clamp_min(1.0) ** length_penalty
         best = torch.arange(b, device=device) * k + final.argmax(dim=1)
         tokens = prefix[best, 1:]
