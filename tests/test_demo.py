@@ -12,7 +12,7 @@ from rs_lightning.cli import main
 def run_demo(out) -> str:
     """`rs demo --quick` as a user runs it: in its own process (no state left by other tests)."""
     cmd = [sys.executable, "-m", "rs_lightning.cli", "demo", "--task", "captioning", "--quick", "--points", "5",
-           "--out", str(out)]
+           "--replicates", "2", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -29,6 +29,12 @@ def test_readme_help_commands_work(capsys):
     assert "weight of the SECOND" in out
 
 
+def test_the_default_demo_runs_three_replicates():
+    from rs_lightning.commands.demo import build_parser
+
+    assert build_parser().parse_args([]).replicates == 3  # what `make demo` and the README's table run
+
+
 def _verdict_of(interval: dict, positive: str, negative: str) -> str:
     if interval["low"] > 0:
         return positive
@@ -43,7 +49,7 @@ def test_quick_captioning_demo_runs_replicates_and_reuses_stages(tmp_path):
     out_dir = tmp_path / "captioning-quick"
     report = json.loads((out_dir / "report.json").read_text())
     assert report["rewards"] == ["bleu1", "rouge_l"]
-    assert len(report["replicates"]) == 2  # the default: two independent replicates
+    assert len(report["replicates"]) == 2  # two independent replicates: the least that gives a pooled interval
     assert list(report["pooled_policies"])[:3] == ["init", "expert bleu1", "expert rouge_l"]
     assert report["compute"]["trainings"] == 8  # per replicate: XE init, 2 experts, MORL
     for r in range(2):

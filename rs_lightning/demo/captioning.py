@@ -118,7 +118,7 @@ def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: 
     return init, train, front
 
 
-def plan(out: Path, *, replicates: int = 2, seed: int = 0, profile: str = "default", iterations: int | None = None,
+def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "default", iterations: int | None = None,
          points: int = 11) -> list[Stage]:
     """The stages of the captioning demo under `out` (`iterations` = SCST epochs here); replicate r in out/rep<r>."""
     stages = []

@@ -84,7 +84,7 @@ def export_init(config_path: Path, target: Path) -> None:
     export_expert(cli.model, target)
 
 
-def plan(out: Path, *, replicates: int = 2, seed: int = 0, profile: str = "default", iterations: int | None = None,
+def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "default", iterations: int | None = None,
          points: int = 11) -> list[Stage]:
     """The stages of the text demo under `out`; replicate r in out/rep<r>."""
     base = base_config(profile, iterations)
