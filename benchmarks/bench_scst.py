@@ -63,7 +63,8 @@ def _rates(benchmark, machine, images: int, captions: int = 0) -> None:
 def test_a_scst_step(benchmark, data, machine, vocab):
     refs, batch = data
     module = _module(vocab, refs)
-    optimizer = torch.optim.RAdam(module.model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9)
+    # foreach, as the training code builds it (schedule.configure_radam)
+    optimizer = torch.optim.RAdam(module.model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, foreach=True)
 
     def step():
         optimizer.zero_grad()
