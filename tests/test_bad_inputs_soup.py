@@ -214,7 +214,7 @@ CLI_CASES = {
     "extrapolation overflows": (lambda d, mp: [*two(d, state(0, torch.float16) | {"w": torch.full((4, 4), -6e4).half()}, state(1, torch.float16) | {"w": torch.full((4, 4), 6e4).half()}), "--weights", "-1", "2", "--allow-extrapolation", *out(d)], 2, r"key 'w': the soup overflows float16"),
     "adapters mixed with full weights": (lambda d, mp: [hf_folder(d / "a", state(0)), adapter(d / "l", 1), *W, *out(d)], 2, r"sources mix PEFT adapter folders"),
     "--mode with full weights": (lambda d, mp: [*two(d), *W, "--mode", "delta", *out(d)], 2, r"--mode applies to LoRA adapter folders only"),
-    "--base with full weights": (lambda d, mp: [*two(d), *W, "--base", base(d / "B"), *out(d)], 2, r"--base applies to LoRA adapter folders only"),
+    "--base with full weights": (lambda d, mp: [*two(d), *W, "--base", base(d / "B"), *out(d)], 2, r"--base is theta_0 for the task-vector methods; --method linear does not use it"),
     "--base is an adapter": (lambda d, mp: [adapter(d / "l1", 1), adapter(d / "l2", 2), *W, "--base", adapter(d / "l3", 3), *out(d)], 2, r"--base .*l3 is an adapter folder"),
     "adapter config not JSON": (lambda d, mp: [adapter(d / "l1", 1), (adapter(d / "l2", 2), (d / "l2" / "adapter_config.json").write_text("{"))[0], *W, *out(d)], 2, r"cannot read .*l2/adapter_config.json"),
     "adapter config a list": (lambda d, mp: [adapter(d / "l1", 1), (adapter(d / "l2", 2), (d / "l2" / "adapter_config.json").write_text("[]"))[0], *W, *out(d)], 2, r"adapter_config.json must hold a JSON object"),

@@ -99,7 +99,7 @@ def minimal_adapter(folder):
         ("negative", "weight 0 is -0.5 < 0"),
         ("exists", "output folder already exists"),
         ("mode", "--mode applies to LoRA adapter folders only"),
-        ("base", "--base applies to LoRA adapter folders only"),
+        ("base", "--method linear does not use it"),
         ("lam", "--lam needs exactly two sources"),
         ("mix", "sources mix PEFT adapter folders"),
         ("keys", "key 'extra' of source 1"),

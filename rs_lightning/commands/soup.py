@@ -37,9 +37,15 @@ examples:
   rs soup a.ckpt b.ckpt --lam 0.5 --prefix policy. --dtype bfloat16 --out soup/
   rs soup lora_a/ lora_b/ lora_c/ --weights 0.2 0.3 0.5 --mode factors --out lora_soup/
   rs soup lora_a/ lora_b/ --weights 0.5 0.5 --mode delta --base base_model/ --out merged/
+  rs soup expert_a/ expert_b/ --weights 0.5 0.5 --method ties --base init/ --density 0.2 --out ties/
+  rs soup expert_a/ expert_b/ --lam 0.3 --method slerp --out slerp/
+  rs soup expert_a/ expert_b/ --lam 0.3 --method fisher --fisher fa.safetensors fb.safetensors --out fisher/
 
 exit status: 0 written; 2 bad arguments, sources or output location (nothing written); 1 the machine
 failed the write (disk full, I/O error: nothing left behind); 130 interrupted."""
+
+# The registry's names, without importing torch for --help (tests/test_soup_methods_cli.py checks they agree).
+METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "fisher")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -90,9 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", metavar="SIZE",
                    help="largest output shard, e.g. 5GB (default), 500MB, 2GiB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--base", type=Path, metavar="BASE_MODEL_DIR",
-                   help="LoRA adapters only: merge the adapter soup into this base model and write full weights "
-                        "(with --mode delta this is exactly sum_i w_i theta_i of the experts merged into the base)")
+    p.add_argument("--base", type=Path, metavar="BASE",
+                   help="full weights: theta_0, the shared initialisation the task-vector methods need "
+                        "(task_arithmetic, ties, dare_linear, dare_ties). LoRA adapters: merge the adapter soup into "
+                        "this base model and write full weights (with --mode delta this is exactly sum_i w_i theta_i "
+                        "of the experts merged into the base)")
+    m = p.add_argument_group("merge method (full weights; see rs_lightning/soup/methods/)")
+    m.add_argument("--method", default="linear", choices=METHOD_NAMES,
+                   help="linear (default: the rewarded soup); task_arithmetic, ties, dare_linear, dare_ties (task "
+                        "vectors on --base); slerp (two sources, t = the second weight); fisher (--fisher files)")
+    m.add_argument("--density", type=float, help="ties: fraction of each task vector kept by magnitude (default 0.2)")
+    m.add_argument("--drop-rate", type=float, help="dare_*: fraction of each task vector dropped (default 0.9)")
+    m.add_argument("--seed", type=int, help="dare_*: seed of the drop masks (default 0; per tensor, repeatable)")
+    m.add_argument("--scaling", type=float,
+                   help="task-vector methods: theta_0 + scaling * merged task vector (default 1)")
+    m.add_argument("--fisher", nargs="+", type=Path, metavar="F",
+                   help="fisher: one diagonal-Fisher safetensors per source, in source order (from rs fisher)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="soup sources holding NaN/inf (refused by default, naming the key and the file)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -159,9 +178,10 @@ def run(args: argparse.Namespace) -> str:
     from rs_lightning.soup import io, lora
     from rs_lightning.soup.errors import SoupError
     from rs_lightning.soup.lock import output_lock
+    from rs_lightning.soup.methods import get_method
+    from rs_lightning.soup.methods.merge import check_method_weights
     from rs_lightning.soup.paths import check_output
     from rs_lightning.soup.sources import check_input_path
-    from rs_lightning.soup.weights import validate_weights
 
     if args.lam is not None:
         if len(args.sources) != 2:
@@ -169,10 +189,21 @@ def run(args: argparse.Namespace) -> str:
         weights = [1.0 - args.lam, args.lam]
     else:
         weights = args.weights
-    weights = validate_weights(weights, len(args.sources), allow_extrapolation=args.allow_extrapolation)
-    for src in [*args.sources, *([args.base] if args.base is not None else [])]:
+    method = get_method(args.method)
+    given = {"density": args.density, "drop_rate": args.drop_rate, "seed": args.seed, "scaling": args.scaling}
+    for name, value in given.items():
+        if value is not None and name not in method.options:
+            flag = "--" + name.replace("_", "-")
+            raise SoupError(f"{flag} does not apply to --method {method.name} (its options: "
+                            f"{', '.join(method.options) or 'none'})")
+    options = method.resolve_options({k: v for k, v in given.items() if v is not None})
+    if args.fisher is not None and not method.needs_fisher:
+        raise SoupError(f"--fisher applies to --method fisher, not {method.name}")
+    weights = check_method_weights(method, weights, len(args.sources), args.allow_extrapolation)
+    extra = [*([args.base] if args.base is not None else []), *(args.fisher or [])]
+    for src in [*args.sources, *extra]:
         check_input_path(Path(src))
-    inputs = [*args.sources, *([args.base] if args.base is not None else [])]
+    inputs = [*args.sources, *extra]
     check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     is_adapter = [lora.is_peft_adapter_dir(s) for s in args.sources]
     if any(is_adapter) and not all(is_adapter):
@@ -185,8 +216,15 @@ def run(args: argparse.Namespace) -> str:
     if not all(is_adapter):
         if args.mode is not None:
             raise SoupError("--mode applies to LoRA adapter folders only; these sources are full weights")
-        if args.base is not None:
-            raise SoupError("--base applies to LoRA adapter folders only; these sources are full weights")
+        if args.base is not None and not method.needs_base:
+            raise SoupError(f"--base is theta_0 for the task-vector methods; --method {method.name} does not use it "
+                            "(for adapters it names the base model)")
+    elif method.name != "linear":
+        # A LoRA expert's task vector is B A, not A and B: merging factors with TIES/DARE/slerp/Fisher would
+        # merge something else than the experts. Fold each adapter into the base first (rs soup A --weights 1
+        # --base BASE), then merge the full models with --method and --base theta_0.
+        raise SoupError(f"--method {method.name} merges full weights; LoRA adapters support --method linear only "
+                        "(--mode factors or delta). Merge each adapter into its base first, then merge those")
     elif args.base is None and args.prefix:
         raise SoupError("--prefix applies to full weights and --base, not to adapter soups")
     with output_lock(args.out, what="output folder"):
@@ -195,8 +233,11 @@ def run(args: argparse.Namespace) -> str:
         result = io.merge_files(
             args.sources, weights, args.out, dtype=args.dtype, allow_extrapolation=args.allow_extrapolation,
             max_shard_bytes=args.max_shard_size, prefix=args.prefix, overwrite=args.overwrite,
-            progress=args.progress, allow_nonfinite=args.allow_nonfinite,
+            progress=args.progress, allow_nonfinite=args.allow_nonfinite, method=method.name, options=options,
+            base=args.base, fisher=args.fisher,
         )
+    if method.name != "linear":
+        return result.summary(f"method {method.name}")
     return result.summary()
 
 

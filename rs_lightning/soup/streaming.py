@@ -24,10 +24,11 @@ from torch import Tensor
 from rs_lightning.soup.atomic import atomic_dir, explained_write_errors
 from rs_lightning.soup.errors import SoupError
 from rs_lightning.soup.interpolate import interpolate
+from rs_lightning.soup.methods.merge import check_method_inputs, check_method_weights, merge
+from rs_lightning.soup.methods.registry import get_method
 from rs_lightning.soup.paths import check_output
 from rs_lightning.soup.sources import DTYPE_NAMES, Source, TensorInfo, open_source
 from rs_lightning.soup.values import check_dtype, check_finite_result, is_finite, nonfinite_error
-from rs_lightning.soup.weights import validate_weights
 from rs_lightning.soup.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     SOUP_FILE,
@@ -107,8 +108,12 @@ def merge_files(
     overwrite: bool = False,
     progress: bool | None = None,
     allow_nonfinite: bool = False,
+    method: str = "linear",
+    options: dict | None = None,
+    base: str | os.PathLike | None = None,
+    fisher: Sequence[str | os.PathLike] | None = None,
 ) -> SaveResult:
-    """Interpolate K checkpoints on disk into a safetensors folder, streaming tensor by tensor.
+    """Merge K checkpoints on disk into a safetensors folder, streaming tensor by tensor.
 
     Args:
         paths: K sources of any format `open_source` reads (not PEFT adapters: see `lora_soup`).
@@ -124,6 +129,9 @@ def merge_files(
         progress: a tqdm bar on stderr; None shows it when the merge reads more than 1 GiB.
         allow_nonfinite: write the soup even if a source with non-zero weight holds NaN/inf, or the soup
             overflows its dtype (refused by default, naming the key and the source).
+        method: a merge method of `rs_lightning.soup.methods` (default: the linear soup), with `options`.
+        base: theta_0's checkpoint, for the task-vector methods (read with the same `prefix`).
+        fisher: one Fisher safetensors file per source, for `fisher` (from `rs fisher`; no prefix applied).
 
     Raises:
         SoupError: bad weights, unreadable or incompatible sources (before any tensor is read), an output
@@ -135,16 +143,28 @@ def merge_files(
     start = time.perf_counter()
     if isinstance(paths, (str, bytes, os.PathLike)) or not isinstance(paths, Sequence):
         raise SoupError(f"paths must be a list of checkpoint paths, got {type(paths).__name__}")
-    ws = validate_weights(weights, len(paths), allow_extrapolation=allow_extrapolation)
+    m = get_method(method)
+    opts = m.resolve_options(options)
+    ws = check_method_weights(m, weights, len(paths), allow_extrapolation)
+    check_method_inputs(m, base, fisher)
     out_dtype = parse_dtype(dtype)
     out = Path(out_dir) if out_dir is not None else None
-    check_output(out, inputs=paths, overwrite=overwrite, flag="out_dir")
+    extra_inputs = [*([base] if base is not None else []), *(fisher or [])]
+    check_output(out, inputs=[*paths, *extra_inputs], overwrite=overwrite, flag="out_dir")
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(open_source(p, prefix=prefix)) for p in paths]
-        for src in sources:
+        base_src = stack.enter_context(open_source(base, prefix=prefix)) if base is not None else None
+        for src in [*sources, *([base_src] if base_src is not None else [])]:
             if src.kind == "peft-adapter":
                 raise SoupError(f"{src.path} is a PEFT adapter folder: soup adapters with lora_soup / `rs soup`")
-        keys = check_sources(sources)
+        keys = check_sources([*sources, *([base_src] if base_src is not None else [])])
+        fisher_srcs = None
+        if fisher is not None:
+            if len(fisher) != len(paths):
+                raise SoupError(f"got {len(fisher)} Fisher files for {len(paths)} sources: give one per source")
+            fisher_srcs = [stack.enter_context(open_source(f)) for f in fisher]
+            _check_fisher_sources(fisher_srcs, sources[0], keys)
+        merger = _Merger(m, opts, base_src, fisher_srcs)
         in_infos = {k: sources[0].info(k) for k in keys}
         out_infos = {k: _out_info(info, out_dtype) for k, info in in_infos.items()}
         for k, info in out_infos.items():
@@ -152,8 +172,9 @@ def merge_files(
                 raise SoupError(f"key '{k}' has dtype {info.dtype}, which safetensors cannot store")
         shards = plan_shards([(k, out_infos[k]) for k in keys], max_shard_bytes)
         order = [k for layout in shards for k, _ in layout]
-        tensors = _merged(sources, order, in_infos, ws, out_dtype, allow_extrapolation, allow_nonfinite)
-        read_bytes = sum(info.nbytes for info in in_infos.values()) * sum(w != 0 for w in ws)
+        tensors = _merged(sources, order, in_infos, ws, out_dtype, allow_extrapolation, allow_nonfinite, merger)
+        reads = sum(w != 0 for w in ws) if m.name == "linear" else len(ws) + (base is not None) + len(fisher or [])
+        read_bytes = sum(info.nbytes for info in in_infos.values()) * reads
         if progress or (progress is None and read_bytes >= PROGRESS_BYTES):
             tensors = _with_progress(tensors, len(order))
 
@@ -165,7 +186,11 @@ def merge_files(
                 copy_model_files(sources[0].folder, tmp, dtype=out_dtype)
             # dtype: the requested cast (None: as the sources); dtypes: what the output holds, tensor counts.
             dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in out_infos.values())
-            info = soup_record([s.path for s in sources], ws, mode="full", prefix=prefix,
+            methods = {} if m.name == "linear" else {
+                "merge_method": m.name, "merge_options": opts,
+                **({"base": str(base_src.path)} if base_src is not None else {}),
+                **({"fisher": [str(f.path) for f in fisher_srcs]} if fisher_srcs is not None else {})}
+            info = soup_record([s.path for s in sources], ws, mode="full", prefix=prefix, **methods,
                                dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
                                dtypes=dict(sorted(dtypes.items())), allow_extrapolation=allow_extrapolation,
                                n_tensors=len(keys))
@@ -180,6 +205,38 @@ def _out_info(info: TensorInfo, out_dtype: torch.dtype | None) -> TensorInfo:
     return TensorInfo(info.shape, out_dtype)
 
 
+class _Merger:
+    """The merge method of a streaming merge and its extra inputs (theta_0, Fisher files), read per group."""
+
+    def __init__(self, method, options: dict, base: Source | None, fisher: list[Source] | None):
+        self.method, self.options, self.base, self.fisher = method, options, base, fisher
+
+    @property
+    def linear(self) -> bool:
+        return self.method.name == "linear"
+
+    def merge(self, per_source: list[dict], weights: list[float], keys: list[str], load_extra) -> dict:
+        base = None if self.base is None else {k: load_extra(self.base, k) for k in keys}
+        floating = [k for k in keys if per_source[0][k].is_floating_point()]
+        fisher = None if self.fisher is None else [{k: f[k] for k in floating} for f in self.fisher]
+        return merge(per_source, weights, self.method, base=base, fisher=fisher, allow_nonfinite=True,
+                     allow_extrapolation=True, **self.options)
+
+
+def _check_fisher_sources(fisher: Sequence[Source], ref: Source, keys: Sequence[str]) -> None:
+    """Every floating key of the sources is in each Fisher file with the same shape (metadata only)."""
+    for f in fisher:
+        for key in keys:
+            info = ref.info(key)
+            if not info.dtype.is_floating_point:
+                continue
+            if key not in f:
+                raise SoupError(f"key '{key}' of the sources is missing from the Fisher file {f.path}")
+            if f.info(key).shape != info.shape:
+                raise SoupError(f"key '{key}': the Fisher file {f.path} has shape {f.info(key).shape}, the "
+                                f"sources have {info.shape}")
+
+
 def _merged(
     sources: Sequence[Source],
     order: list[str],
@@ -188,26 +245,29 @@ def _merged(
     out_dtype: torch.dtype | None,
     allow_extrapolation: bool,
     allow_nonfinite: bool,
+    merger: _Merger,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield (name, soup tensor) in `order`, reading one group of tensors per source at a time."""
     group: list[str] = []
     size = 0
+    args = (infos, weights, out_dtype, allow_extrapolation, allow_nonfinite, merger)
     for key in order:
         nbytes = infos[key].nbytes
         if group and size + nbytes > GROUP_BYTES:
-            yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation, allow_nonfinite)
+            yield from _merge_group(sources, group, *args)
             group, size = [], 0
         group.append(key)
         size += nbytes
     if group:
-        yield from _merge_group(sources, group, infos, weights, out_dtype, allow_extrapolation, allow_nonfinite)
+        yield from _merge_group(sources, group, *args)
 
 
-def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation, allow_nonfinite):
-    # Zero-weight sources contribute nothing to floating tensors: do not even read them (a one-hot soup,
-    # the front's endpoints, then reads one model). Non-floating tensors need all sources (see interpolate).
+def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation, allow_nonfinite, merger):
+    # Zero-weight sources contribute nothing to a linear soup's floating tensors: do not even read them (a
+    # one-hot soup, the front's endpoints, then reads one model). Non-floating tensors need all sources (see
+    # interpolate), and so do the other methods (slerp's angle, TIES's election read every source).
     floating = all(infos[k].dtype.is_floating_point for k in keys)
-    live = [i for i, w in enumerate(weights) if w != 0.0] if floating else list(range(len(sources)))
+    live = [i for i, w in enumerate(weights) if w != 0.0] if floating and merger.linear else list(range(len(sources)))
 
     def load(i: int, key: str) -> Tensor:
         t = sources[i][key]
@@ -220,10 +280,25 @@ def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation, 
             t = t.to(out_dtype)
         return t
 
+    def load_extra(src: Source, key: str) -> Tensor:
+        t = src[key]
+        if not allow_nonfinite and not is_finite(t):
+            raise nonfinite_error(t, key, f"the base {src.path}")
+        if out_dtype is not None and t.is_floating_point() and out_dtype.itemsize > t.dtype.itemsize:
+            t = t.to(out_dtype)
+        return t
+
     per_source = [{k: load(i, k) for k in keys} for i in live]
-    # Sources were checked above; interpolate's own check would read them all a second time.
-    soup = interpolate(per_source, [weights[i] for i in live], allow_extrapolation=allow_extrapolation,
-                       allow_nonfinite=True)
+    if merger.linear:
+        # Sources were checked above; interpolate's own check would read them all a second time.
+        soup = interpolate(per_source, [weights[i] for i in live], allow_extrapolation=allow_extrapolation,
+                           allow_nonfinite=True)
+    else:
+        soup = merger.merge(per_source, [weights[i] for i in live], keys, load_extra)
+        if not allow_nonfinite:
+            for k in keys:
+                if soup[k].is_floating_point():
+                    check_finite_result(soup[k], k, f" (method {merger.method.name})")
     del per_source
     for k in keys:
         t = soup.pop(k)
