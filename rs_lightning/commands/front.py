@@ -69,6 +69,7 @@ def run_from_config(parser, cfg):
     from rs_lightning.front.errors import FrontError
     from rs_lightning.front.grids import build_grid
     from rs_lightning.front.runs import check_run_folder
+    from rs_lightning.front.soup_method import resolve_soup_method
     from rs_lightning.front.sweep import check_morl_mu
     from rs_lightning.soup import SoupError
     from rs_lightning.soup.lock import output_lock
@@ -87,13 +88,21 @@ def run_from_config(parser, cfg):
                 check_input_path(Path(ckpt.path))
         except SoupError as err:
             raise FrontError(f"{key}: {err}") from err
+    method = resolve_soup_method(getattr(front, "method", None), init, len(experts), to_checkpoint)
+    extra_named = [("front.method.base", method.base)] * (method.base is not None and method.base is not init)
+    extra_named += [(f"front.method.fisher[{i}]", f) for i, f in enumerate(method.fisher)]
+    for key, ckpt in extra_named:
+        try:
+            check_input_path(Path(ckpt.path))
+        except SoupError as err:
+            raise FrontError(f"{key}: {err}") from err
     settings = _settings(front)
     check_morl_mu(morl, settings.rewards)
     grid = build_grid(front.grid, len(experts), allow_extrapolation=front.allow_extrapolation)
     out_dir = check_run_folder(front.out_dir, "front.out_dir")
-    chash = config_hash(cfg, front, experts, init, morl)
+    chash = config_hash(cfg, front, experts, init, morl, method)
     with _lock(output_lock, out_dir):
-        return _run(parser, cfg, settings, experts, init, morl, grid, out_dir, chash)
+        return _run(parser, cfg, settings, experts, init, morl, grid, out_dir, chash, method)
 
 
 def _settings(front):
@@ -133,7 +142,7 @@ def _lock(output_lock, out_dir: Path):
     return output_lock(out_dir, what="run folder")
 
 
-def _run(parser, cfg, settings, experts, init, morl, grid, out_dir, chash):
+def _run(parser, cfg, settings, experts, init, morl, grid, out_dir, chash, method):
     import yaml
 
     from rs_lightning.commands.messages import build_failure
@@ -156,13 +165,13 @@ def _run(parser, cfg, settings, experts, init, morl, grid, out_dir, chash):
         except ValueError as err:
             raise FrontError(_front_key(err)) from err
 
-    meta = {"summary_settings": plain(settings), "grid": grid}
+    meta = {"summary_settings": plain(settings), "grid": grid, "method": method.identity()}
     rows = run_sweep(
         objs.model, objs.data, experts, grid, out_dir, init=init, morl=morl,
         allow_extrapolation=front.allow_extrapolation, trainer=trainer, rewards=settings.rewards,
         config_hash=chash, overwrite=cfg.overwrite, validate=front.validate, seed=cfg.seed_everything,
         target_prefix=front.target_prefix, cache_checkpoints=front.cache_checkpoints, progress=cfg.progress,
-        meta=meta, allow_nonfinite=front.allow_nonfinite, check_names=check_names,
+        meta=meta, allow_nonfinite=front.allow_nonfinite, check_names=check_names, method=method,
     )
     if not trainer.is_global_zero:  # other DDP ranks: rank 0 writes the outputs
         return build_summary(rows, settings), out_dir

@@ -12,6 +12,7 @@
       allow_extrapolation: false
       allow_nonfinite: false                         # checkpoints holding NaN/inf are refused unless true
       out_dir: runs/front/NAME
+      method: {name: linear, options: {}, base: null, fisher: []}   # or ties / dare_ties / slerp / fisher ...
       validate: true                                 # default: also trainer.validate, the rows lam* is picked on
       summary: {rewards: [r1, r2], ideal: [...], nadir: [...], preferences: [[0.5, 0.5]],
                 nadir_from: config, select_on: val, n_boot: 1000, level: 0.95, boot_seed: 0}
@@ -21,7 +22,8 @@ The same file can therefore reuse a training config of the task. The sweep force
 (no logger, checkpointing, progress bar or model summary): one tqdm bar over the points replaces them.
 
 The config hash (stored in every row) covers what the rows' values depend on: model, data, trainer,
-seed, checkpoints (path, prefix, size on disk, mu), target_prefix and validate. It does not cover the
+seed, checkpoints (path, prefix, size on disk, mu), target_prefix, validate, and a merge method other than
+linear (its name, options, theta_0 and Fisher files). It does not cover the
 grid or the summary settings, so widening the grid or changing the normalisation reuses the rows.
 """
 
@@ -80,6 +82,23 @@ class CheckpointSpec:
 
 
 @dataclass
+class MethodSpec:
+    """`front.method`: how a grid point's weights become a model (rs_lightning.soup.methods).
+
+    Attributes:
+        name: linear (the default: the rewarded soup), task_arithmetic, ties, dare_linear, dare_ties, slerp, fisher.
+        options: the method's options (e.g. {density: 0.2} for ties, {drop_rate: 0.9, seed: 0} for DARE).
+        base: theta_0 for the task-vector methods; default front.init (the shared initialisation).
+        fisher: one diagonal-Fisher safetensors per expert, in expert order (method fisher; from `rs fisher`).
+    """
+
+    name: str = "linear"
+    options: dict = field(default_factory=dict)
+    base: str | CheckpointSpec | None = None
+    fisher: list[str] = field(default_factory=list)
+
+
+@dataclass
 class FrontSpec:
     """The `front:` section.
 
@@ -97,6 +116,7 @@ class FrontSpec:
         target_prefix: the module's state_dict keys under this prefix receive the soup (prefix stripped).
         cache_checkpoints: keep the checkpoints in memory for the sweep (False: re-read at each point).
         summary: how the front is scored.
+        method: the merge method of the soups (default linear; see MethodSpec).
     """
 
     experts: list[str | CheckpointSpec] = field(default_factory=list)
@@ -110,6 +130,7 @@ class FrontSpec:
     target_prefix: str | None = None
     cache_checkpoints: bool = True
     summary: SummarySettings = field(default_factory=SummarySettings)
+    method: MethodSpec = field(default_factory=MethodSpec)
 
 
 def build_parser():
@@ -157,11 +178,15 @@ def plain(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def config_hash(cfg, front: FrontSpec, experts, init, morl) -> str:
-    """Hash of what the rows depend on (see the module docstring)."""
+def config_hash(cfg, front: FrontSpec, experts, init, morl, method=None) -> str:
+    """Hash of what the rows depend on (see the module docstring); `method` is a sweep.SoupMethod (linear: None
+    or linear, left out so the hash of a linear sweep is what it was before merge methods existed)."""
     trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in COSMETIC_TRAINER_KEYS}
-    return stable_hash({
+    content = {
         "model": plain(cfg.model), "data": plain(cfg.data), "trainer": trainer, "seed": cfg.seed_everything,
         "checkpoints": [fingerprint(c) for c in [*experts, *([init] if init else []), *morl]],
         "target_prefix": front.target_prefix, "validate": front.validate,
-    })
+    }
+    if method is not None and not method.linear:
+        content["method"] = method.identity()
+    return stable_hash(content)

@@ -133,8 +133,8 @@ class RowStore:
         if other:
             raise FrontError(
                 f"{self.path} holds rows computed with config hash {other[0]}, but this config hashes to "
-                f"{config_hash}: the model, data, trainer or checkpoints changed. Use a new output folder "
-                "(--front.out_dir) or pass --overwrite to start this one again."
+                f"{config_hash}: the model, data, trainer, checkpoints or merge method changed. Use a new output "
+                "folder (--front.out_dir) or pass --overwrite to start this one again."
             )
         self._by_key = {row_key(r): r for r in self.rows}
 

@@ -44,7 +44,8 @@ from rs_lightning.front.grids import one_hot_index, weights_label
 from rs_lightning.front.preflight import NameCheck, RunFile, check_finite, check_morl_mu, run_info
 from rs_lightning.front.rows import FRONT_FILE, RowStore, clean_rewards, point_key, stable_hash
 from rs_lightning.front.runs import RUN_FILE
-from rs_lightning.soup import interpolate, validate_weights
+from rs_lightning.front.soup_method import SoupMethod
+from rs_lightning.soup import SoupError, interpolate, validate_weights
 
 __all__ = ["RUN_FILE", "Point", "check_morl_mu", "plan_points", "point_name", "run_sweep"]
 
@@ -63,14 +64,18 @@ class Point:
         return point_key(self.kind, self.name, self.weights)
 
 
-def plan_points(experts: Sequence[Checkpoint], grid, *, init=None, morl=()) -> list[Point]:
-    """The ordered points of a sweep: experts, then the non-one-hot grid points, then init and MORL."""
+def plan_points(experts: Sequence[Checkpoint], grid, *, init=None, morl=(), one_hot_soups: bool = False
+                ) -> list[Point]:
+    """The ordered points of a sweep: experts, then the grid's soups, then init and MORL.
+
+    One-hot grid weights are the experts' rows (linear soups reproduce them bit for bit) unless `one_hot_soups`
+    (a merge method other than linear: its one-hot soup is not the expert, see soup_method.py)."""
     n = len(experts)
     points = [Point("expert", point_name(e, "expert"), [1.0 if j == i else 0.0 for j in range(n)])
               for i, e in enumerate(experts)]
     for w in grid:
         soup = Point("soup", weights_label(w), list(w))
-        if one_hot_index(w) is None and all(p.key != soup.key for p in points):  # a repeated weight runs once
+        if (one_hot_soups or one_hot_index(w) is None) and all(p.key != soup.key for p in points):  # once each
             points.append(soup)
     if init is not None:
         points.append(Point("init", point_name(init, "init"), extra=init))
@@ -118,6 +123,7 @@ def run_sweep(
     meta: dict | None = None,
     allow_nonfinite: bool = False,
     check_names: Callable[[list[str]], None] | None = None,
+    method: SoupMethod | None = None,
 ) -> list[dict]:
     """Evaluate the experts, every grid soup, the init and the MORL runs; append rows to out_dir/front.jsonl.
 
@@ -146,6 +152,7 @@ def run_sweep(
         allow_nonfinite: sweep checkpoints holding NaN/inf (refused by default, naming the key and file).
         check_names: called with the reward names the first point logged, before anything is written;
             raises FrontError to refuse the sweep (the CLI checks its summary settings against them).
+        method: the soups' merge method (soup_method.SoupMethod; default linear, the rewarded soup).
 
     Returns:
         The rows of this sweep's points, in plan order.
@@ -162,13 +169,17 @@ def run_sweep(
     grid = [validate_weights(w, len(experts), allow_extrapolation=allow_extrapolation) for w in grid]
     if not grid:
         raise FrontError("the grid is empty: give at least one weight vector")
-    points = plan_points(experts, grid, init=init, morl=morl)
+    method = method or SoupMethod()
+    points = plan_points(experts, grid, init=init, morl=morl, one_hot_soups=not method.linear)
     check_morl_mu(morl, rewards)
     if validate:
         _check_can_validate(module, datamodule)
     loaded = [(e, load_checkpoint(e, cache=cache_checkpoints)) for e in experts]
     extras = {id(c): load_checkpoint(c, cache=cache_checkpoints) for c in [*([init] if init else []), *morl]}
     named = loaded + [(c, extras[id(c)]) for c in [*([init] if init else []), *morl]]
+    method_inputs = _load_method_inputs(method, init, extras, loaded, cache_checkpoints)
+    if method_inputs["base"] is not None and (init is None or method.base is not init):
+        named.append((method.base, method_inputs["base"]))
     target = soup_target(module, target_prefix)
     n_keys = check_fit(target, named)
     if not allow_nonfinite:
@@ -205,7 +216,7 @@ def run_sweep(
                 bar.set_postfix_str(f"{point.kind} {point.name}", refresh=True)
                 row = _run_point(point, module, datamodule, trainer, (counter, collector), sources, extras,
                                  target_prefix, allow_extrapolation, rewards, validate, seed,
-                                 None if checks.done else checks)
+                                 None if checks.done else checks, method, method_inputs)
                 if is_writer:
                     with run_file.writing():
                         store.append(row)
@@ -236,20 +247,45 @@ def _check_can_validate(module, datamodule) -> None:
         )
 
 
+def _load_method_inputs(method: SoupMethod, init, extras, loaded, cache: bool) -> dict:
+    """theta_0 and the Fisher state dicts of a non-linear method, loaded once and checked against the experts."""
+    from rs_lightning.soup.methods.merge import check_fisher
+
+    base = None
+    if method.base is not None:
+        base = extras[id(init)] if init is not None and method.base is init else load_checkpoint(method.base,
+                                                                                                 cache=cache)
+    fisher = [load_checkpoint(f, cache=cache) for f in method.fisher] or None
+    if fisher is not None:
+        sources = [sd for _, sd in loaded]
+        try:
+            check_fisher(fisher, sources, list(sources[0]), [e.where() for e, _ in loaded])
+        except SoupError as err:
+            raise FrontError(f"front.method.fisher: {err}") from err
+    return {"base": base, "fisher": fisher}
+
+
 def _run_point(point, module, datamodule, trainer, callbacks, sources, extras, target_prefix,
-               allow_extrapolation, rewards, validate, seed, check=None) -> dict:
+               allow_extrapolation, rewards, validate, seed, check=None, method: SoupMethod | None = None,
+               method_inputs: dict | None = None) -> dict:
     counter, collector = callbacks
     start = time.perf_counter()
     target = soup_target(module, target_prefix)  # fresh: the module may have moved device since last time
     # allow_nonfinite=True: run_sweep checked every checkpoint once at load (or was told to let NaN/inf through);
     # checking again here would scan every source at every point. An extrapolated soup that overflows is then
     # evaluated like any point, and its non-finite rewards make it an invalid row, not a stopped sweep.
-    if point.extra is None:
+    by_method = method is not None and not method.linear and point.kind == "soup"
+    if by_method:
+        method.apply(sources, point.weights, target, base_sd=method_inputs["base"],
+                     fisher_sds=method_inputs["fisher"], allow_extrapolation=allow_extrapolation)
+    elif point.extra is None:
         interpolate(sources, point.weights, out=target, allow_extrapolation=allow_extrapolation, allow_nonfinite=True)
     else:
         interpolate([extras[id(point.extra)]], [1.0], out=target, allow_nonfinite=True)
     row: dict = {"kind": point.kind, "name": point.name, "weights": point.weights,
                  "mu": point.extra.mu if point.extra is not None else None}
+    if by_method:
+        row.update(method.describe())
     stages = ["test", "validate"] if validate else ["test"]
     for stage in stages:
         if seed is not None:
