@@ -1,8 +1,9 @@
 """The `rs` command: one entry point for the whole method.
 
 `rs fit|validate|test|predict` are LightningCLI subcommands (train experts and MORL baselines from YAML);
-`rs soup`, `rs front`, `rs demo` and `rs list` are ours. Each of ours lives in `rs_lightning.commands.<name>`
-as a `main(argv) -> int` and is imported only when called, so `rs soup --help` does not pay for Lightning.
+`rs soup`, `rs front`, `rs demo`, `rs fisher` and `rs list` are ours. Each of ours lives in
+`rs_lightning.commands.<name>` as a `main(argv) -> int` and is imported only when called, so `rs soup --help` does
+not pay for Lightning.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ OUR_SUBCOMMANDS = {
     "soup": "interpolate N checkpoints or LoRA adapters into one (weights aligned with the sources)",
     "front": "sweep soup weights, score every reward, Pareto set, hypervolume, plots",
     "demo": "run a whole rewarded-soups experiment on the embedded offline default",
+    "fisher": "diagonal Fisher of an expert, for Fisher-weighted soups (--method fisher)",
     "list": "list the shipped configs",
 }
 

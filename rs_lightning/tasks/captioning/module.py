@@ -253,6 +253,22 @@ class CaptioningModule(L.LightningModule):
         self.log("train/caption_length", sampled.mask.sum(1).mean(), **log)
         return loss
 
+    def fisher_log_likelihood(self, batch: dict[str, Any]) -> Tensor:
+        """Per image `[B]`: log p(caption | image) of one caption sampled from the model, differentiable in every
+        parameter (image encoder included): what `rs fisher` squares and averages (rs_lightning.fisher). Eval
+        mode (no dropout), and each call draws from its own seed (`sample_seed` + call count): repeatable."""
+        hp = self.hparams
+        decoder = self.decoder()
+        calls = getattr(self, "_fisher_calls", 0)
+        self._fisher_calls = calls + 1
+        generator = torch.Generator(device=self.device).manual_seed(hp.sample_seed * 1_000_003 + 104_729 + calls)
+        with self._eval_mode():
+            embs = encode_images(self.model, batch["images"].to(self.device))
+            with torch.no_grad():
+                sampled = decoder.generate(embs.detach(), hp.max_length, generator=generator)
+            logp = decoder.token_logprobs(embs, sampled.tokens, sampled.mask)
+        return logp.sum(1)
+
     # -- evaluation -----------------------------------------------------------------------------------------
 
     @torch.no_grad()

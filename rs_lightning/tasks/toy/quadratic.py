@@ -172,6 +172,17 @@ def save_theta(theta: Sequence[float] | Tensor, path: str | Path) -> None:
     save_file({"theta": torch.as_tensor(theta, dtype=torch.float32).contiguous()}, str(path))
 
 
+def write_fisher(module: QuadraticRewards, expert: int, path: str | Path) -> None:
+    """The exact diagonal Fisher of expert `expert` (0-based), for `method: fisher` on the toy: read as the
+    log-likelihood of a Gaussian with mean theta, its reward is R_i = 1 - sum_j h_ij (theta_j - theta*_ij)^2, whose
+    curvature -d^2 R_i / d theta_j^2 = 2 h_ij is the Fisher (the setting where Fisher averaging is exact)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"theta": (2.0 * module._h()[expert]).float().contiguous()}, str(path))
+
+
 def write_checkpoints(module: QuadraticRewards, experts: Sequence[str], init: str | None = None,
                       morl: Sequence[tuple[str, Sequence[float]]] = ()) -> list[str]:
     """Closed-form checkpoints: expert i = theta*_i, init = the module's init, MORL(mu) = its exact optimum."""
