@@ -172,6 +172,7 @@ def _run(parser, cfg, settings, experts, init, morl, grid, out_dir, chash, metho
         config_hash=chash, overwrite=cfg.overwrite, validate=front.validate, seed=cfg.seed_everything,
         target_prefix=front.target_prefix, cache_checkpoints=front.cache_checkpoints, progress=cfg.progress,
         meta=meta, allow_nonfinite=front.allow_nonfinite, check_names=check_names, method=method,
+        ensemble=bool(getattr(front, "ensemble", False)),
     )
     if not trainer.is_global_zero:  # other DDP ranks: rank 0 writes the outputs
         return build_summary(rows, settings), out_dir
@@ -205,8 +206,14 @@ def describe(summary: dict, out_dir: Path) -> str:
         verdicts = summary.get("verdicts") or {}
         if verdicts.get("rs_vs_morl"):
             lines.append(f"RS vs MORL hypervolume: {verdicts['rs_vs_morl']}")
+        if verdicts.get("rs_vs_ensemble"):
+            lines.append(f"RS vs prediction ensembles hypervolume: {verdicts['rs_vs_ensemble']}")
     elif unc.get("skipped"):
         lines.append(f"intervals: none ({unc['skipped']})")
+    cost = summary.get("cost")
+    if cost and cost.get("ensemble_seconds_per_point") and cost.get("soup_seconds_per_point"):
+        lines.append(f"cost per point: soup {cost['soup_seconds_per_point']:.2f} s, ensemble "
+                     f"{cost['ensemble_seconds_per_point']:.2f} s")
     selection = summary.get("selection") or {}
     if selection.get("split") == "test":
         lines.append(f"lam*: {selection['note']}")

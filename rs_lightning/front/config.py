@@ -13,6 +13,7 @@
       allow_nonfinite: false                         # checkpoints holding NaN/inf are refused unless true
       out_dir: runs/front/NAME
       method: {name: linear, options: {}, base: null, fisher: []}   # or ties / dare_ties / slerp / fisher ...
+      ensemble: false                                # true: also the experts' prediction mixture at each lam
       validate: true                                 # default: also trainer.validate, the rows lam* is picked on
       summary: {rewards: [r1, r2], ideal: [...], nadir: [...], preferences: [[0.5, 0.5]],
                 nadir_from: config, select_on: val, n_boot: 1000, level: 0.95, boot_seed: 0}
@@ -117,6 +118,8 @@ class FrontSpec:
         cache_checkpoints: keep the checkpoints in memory for the sweep (False: re-read at each point).
         summary: how the front is scored.
         method: the merge method of the soups (default linear; see MethodSpec).
+        ensemble: also evaluate, at every grid weight off the experts, the token-level mixture of the experts'
+            predictions with those weights (kind "ensemble"; the module needs `set_ensemble`, captioning has it).
     """
 
     experts: list[str | CheckpointSpec] = field(default_factory=list)
@@ -131,6 +134,7 @@ class FrontSpec:
     cache_checkpoints: bool = True
     summary: SummarySettings = field(default_factory=SummarySettings)
     method: MethodSpec = field(default_factory=MethodSpec)
+    ensemble: bool = False
 
 
 def build_parser():

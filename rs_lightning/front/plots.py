@@ -120,6 +120,10 @@ def plot_front_2d(path: Path, rows: Sequence[dict], summary: dict) -> Path:
         ax.plot(*vals[i], "D", c="C3", ms=8, zorder=5)
         ax.annotate(f"expert {rows[i]['name']}", vals[i], textcoords="offset points", xytext=(8, 6),
                     fontsize=8, color="C3")
+    ens = sorted(np.where((kind == "ensemble") & ok)[0].tolist(), key=lambda i: rows[i]["weights"][-1])
+    if ens:
+        ax.plot(vals[ens, 0], vals[ens, 1], "^:", c="C1", ms=5, lw=1.2,
+                label="prediction ensembles Σ λ_i p_i (N passes per token)", zorder=3)
     morl = [i for i in np.where((kind == "morl") & ok)[0]]
     if morl:
         ax.plot(vals[morl, 0], vals[morl, 1], "s", c="C2", ms=7, label="MORL (one training per μ)", zorder=4)

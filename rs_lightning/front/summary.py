@@ -56,7 +56,8 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
         raise ValueError("no reward in the rows: did the module log any test/reward/<name> metric?")
     values = reward_matrix(rows, names)
     valid = np.all(np.isfinite(values), axis=1)
-    by_kind = {k: [i for i, r in enumerate(rows) if r["kind"] == k] for k in ("expert", "soup", "init", "morl")}
+    by_kind = {k: [i for i, r in enumerate(rows) if r["kind"] == k]
+               for k in ("expert", "soup", "init", "morl", "ensemble")}
     experts = sorted(by_kind["expert"], key=lambda i: int(np.argmax(rows[i]["weights"])))
     rs_all = experts + by_kind["soup"]
     groups = {
@@ -67,6 +68,8 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
     }
     if len(groups["rs"]) < len(rs_all):
         groups["rs_extrapolated"] = rs_all
+    if by_kind["ensemble"]:  # the experts' prediction mixtures: the functional-ensembling baseline
+        groups["ensemble"] = experts + [i for i in by_kind["ensemble"] if on_simplex(rows[i]["weights"])]
 
     out: dict = {
         "rewards": names,
@@ -114,7 +117,7 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
             "expected_utility": expected_utility(pts, prefs) if len(pts) else None,
         }
     diffs = {f"rs_minus_{g}": (hv["rs"] - hv[g]) if hv["rs"] is not None and hv[g] is not None else None
-             for g in ("experts", "morl", "init")}
+             for g in ("experts", "morl", "init", "ensemble") if g in hv}
     out["hypervolume"] = {**hv, **diffs, "space": "normalised rewards (see normalisation), reference_point.normalised"}
     out["indicators"] = ind
     out["indicators_note"] = (
@@ -128,8 +131,14 @@ def build_summary(rows: Sequence[dict], settings: SummarySettings | None = None)
     soups = [i for i in by_kind["soup"] if valid[i] and on_simplex(rows[i]["weights"])]
     out["lmc"] = _lmc(rows, values, valid, experts, soups, names)
     out["selection"] = summary_selection(rows, names, rs_all, by_kind["morl"], prefs, s.select_on)
-    ctx = FrontContext(names=names, groups={g: [i for i in groups[g] if valid[i]] for g in ("rs", "morl", "experts",
-                                                                                           "init")},
+    if by_kind["ensemble"]:
+        seconds = {k: [rows[i].get("seconds") for i in by_kind[k] if rows[i].get("seconds") is not None]
+                   for k in ("soup", "ensemble")}
+        out["cost"] = {f"{k}_seconds_per_point": (float(np.mean(v)) if v else None) for k, v in seconds.items()}
+        out["cost"]["note"] = ("an ensemble point decodes with every expert of positive weight at each token "
+                               "(N forward passes per token); a soup point with one model")
+    ctx = FrontContext(names=names, groups={g: [i for i in groups[g] if valid[i]]
+                                            for g in ("rs", "morl", "experts", "init", "ensemble") if g in groups},
                        experts=experts, soups=soups, init=init, rule=rule, reference=s.reference,
                        ref_margin=s.ref_margin)
     out["uncertainty"], out["verdicts"] = summarise(rows, valid, ctx, n_boot=s.n_boot, level=s.level,

@@ -64,8 +64,8 @@ class Point:
         return point_key(self.kind, self.name, self.weights)
 
 
-def plan_points(experts: Sequence[Checkpoint], grid, *, init=None, morl=(), one_hot_soups: bool = False
-                ) -> list[Point]:
+def plan_points(experts: Sequence[Checkpoint], grid, *, init=None, morl=(), one_hot_soups: bool = False,
+                ensemble: bool = False) -> list[Point]:
     """The ordered points of a sweep: experts, then the grid's soups, then init and MORL.
 
     One-hot grid weights are the experts' rows (linear soups reproduce them bit for bit) unless `one_hot_soups`
@@ -77,6 +77,11 @@ def plan_points(experts: Sequence[Checkpoint], grid, *, init=None, morl=(), one_
         soup = Point("soup", weights_label(w), list(w))
         if (one_hot_soups or one_hot_index(w) is None) and all(p.key != soup.key for p in points):  # once each
             points.append(soup)
+    if ensemble:  # the prediction mixture at every grid weight off the experts (one-hot: the expert itself)
+        for w in grid:
+            ens = Point("ensemble", weights_label(w), list(w))
+            if one_hot_index(w) is None and min(w) >= 0 and all(p.key != ens.key for p in points):
+                points.append(ens)
     if init is not None:
         points.append(Point("init", point_name(init, "init"), extra=init))
     points += [Point("morl", point_name(m, "morl"), extra=m) for m in morl]
@@ -124,6 +129,7 @@ def run_sweep(
     allow_nonfinite: bool = False,
     check_names: Callable[[list[str]], None] | None = None,
     method: SoupMethod | None = None,
+    ensemble: bool = False,
 ) -> list[dict]:
     """Evaluate the experts, every grid soup, the init and the MORL runs; append rows to out_dir/front.jsonl.
 
@@ -153,6 +159,8 @@ def run_sweep(
         check_names: called with the reward names the first point logged, before anything is written;
             raises FrontError to refuse the sweep (the CLI checks its summary settings against them).
         method: the soups' merge method (soup_method.SoupMethod; default linear, the rewarded soup).
+        ensemble: also evaluate the experts' prediction mixture at each grid weight off the experts (kind
+            "ensemble"); the module must define `set_ensemble(states, weights)`.
 
     Returns:
         The rows of this sweep's points, in plan order.
@@ -170,7 +178,10 @@ def run_sweep(
     if not grid:
         raise FrontError("the grid is empty: give at least one weight vector")
     method = method or SoupMethod()
-    points = plan_points(experts, grid, init=init, morl=morl, one_hot_soups=not method.linear)
+    points = plan_points(experts, grid, init=init, morl=morl, one_hot_soups=not method.linear, ensemble=ensemble)
+    if ensemble and not callable(getattr(module, "set_ensemble", None)):
+        raise FrontError(f"front.ensemble is true but {type(module).__name__} has no set_ensemble(states, weights): "
+                         "this task cannot evaluate a prediction ensemble (the captioning task can)")
     check_morl_mu(morl, rewards)
     if validate:
         _check_can_validate(module, datamodule)
@@ -268,13 +279,20 @@ def _load_method_inputs(method: SoupMethod, init, extras, loaded, cache: bool) -
 def _run_point(point, module, datamodule, trainer, callbacks, sources, extras, target_prefix,
                allow_extrapolation, rewards, validate, seed, check=None, method: SoupMethod | None = None,
                method_inputs: dict | None = None) -> dict:
-    counter, collector = callbacks
     start = time.perf_counter()
     target = soup_target(module, target_prefix)  # fresh: the module may have moved device since last time
     # allow_nonfinite=True: run_sweep checked every checkpoint once at load (or was told to let NaN/inf through);
     # checking again here would scan every source at every point. An extrapolated soup that overflows is then
     # evaluated like any point, and its non-finite rewards make it an invalid row, not a stopped sweep.
     by_method = method is not None and not method.linear and point.kind == "soup"
+    if point.kind == "ensemble":
+        module.set_ensemble(sources, point.weights)
+        try:
+            return _evaluate_point(point, module, datamodule, trainer, callbacks, rewards, validate, seed, check,
+                                   {"kind": point.kind, "name": point.name, "weights": point.weights, "mu": None},
+                                   start)
+        finally:
+            module.set_ensemble(None)
     if by_method:
         method.apply(sources, point.weights, target, base_sd=method_inputs["base"],
                      fisher_sds=method_inputs["fisher"], allow_extrapolation=allow_extrapolation)
@@ -286,6 +304,13 @@ def _run_point(point, module, datamodule, trainer, callbacks, sources, extras, t
                  "mu": point.extra.mu if point.extra is not None else None}
     if by_method:
         row.update(method.describe())
+    return _evaluate_point(point, module, datamodule, trainer, callbacks, rewards, validate, seed, check, row, start)
+
+
+def _evaluate_point(point, module, datamodule, trainer, callbacks, rewards, validate, seed, check, row: dict,
+                    start: float) -> dict:
+    """trainer.test (and validate) of the module as it now is; the row with its rewards and per-example values."""
+    counter, collector = callbacks
     stages = ["test", "validate"] if validate else ["test"]
     for stage in stages:
         if seed is not None:

@@ -28,7 +28,7 @@ from rs_lightning.front.errors import FrontError
 from rs_lightning.front.normalisation import NormRule
 
 METHOD = "paired bootstrap over test examples (percentile intervals)"
-HV_GROUPS = ("rs", "morl", "experts", "init")
+HV_GROUPS = ("rs", "morl", "experts", "init", "ensemble")
 
 
 @dataclass
@@ -170,7 +170,7 @@ def _statistics(m: np.ndarray, ctx: FrontContext, pos: dict[int, int], rows: Seq
         idx = [pos[i] for i in ctx.groups.get(g, [])]
         if idx:
             out[("hv", g)] = hypervolume_draws(z[:, idx, :], ref)
-    for g in ("morl", "experts", "init"):
+    for g in ("morl", "experts", "init", "ensemble"):
         if ("hv", "rs") in out and ("hv", g) in out:
             out[("hv", f"rs_minus_{g}")] = out[("hv", "rs")] - out[("hv", g)]
     experts = [pos.get(i) for i in ctx.experts]
@@ -248,6 +248,8 @@ def verdicts(unc: dict) -> dict:
     out: dict = {}
     if "rs_minus_morl" in unc["hypervolume"]:
         out["rs_vs_morl"] = verdict(unc["hypervolume"]["rs_minus_morl"], level=level)
+    if "rs_minus_ensemble" in unc["hypervolume"]:
+        out["rs_vs_ensemble"] = verdict(unc["hypervolume"]["rs_minus_ensemble"], level=level)
     out["lmc"] = {name: verdict(v["mean"], level=level) for name, v in unc["lmc"].items()}
     experts = {}
     for name, m in unc["expert_margins"].items():

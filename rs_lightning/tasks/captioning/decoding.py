@@ -176,6 +176,14 @@ class CaptionDecoder:
         hidden = decoder_hidden(self.model, image_embs, prefix)[:, -1]
         return F.log_softmax(self.project(hidden), dim=-1)
 
+    @staticmethod
+    def _rows(image_embs: Tensor) -> tuple[int, torch.device, torch.dtype]:
+        return image_embs.shape[0], image_embs.device, image_embs.dtype
+
+    @staticmethod
+    def _repeat(image_embs: Tensor, k: int) -> Tensor:
+        return image_embs.repeat_interleave(k, dim=0)
+
     def _stepper(self, image_embs: Tensor, first: Tensor):
         """`next(token)` -> `[N, V']` next-token log-probs: cached one-token steps where the model allows them
         (incremental.py: O(T) instead of O(T^2) token passes per caption), the full pass otherwise."""
@@ -212,7 +220,7 @@ class CaptionDecoder:
             greedy: argmax instead of sampling.
             generator: random generator for sampling (on the embeddings' device).
         """
-        n, device = image_embs.shape[0], image_embs.device
+        n, device, _ = self._rows(image_embs)
         prefix = torch.full((n, 1), self.sot_id, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         tokens, masks, logprobs = [], [], []
@@ -253,8 +261,8 @@ class CaptionDecoder:
         Returns:
             The best caption of each image (`logprobs` holds its per-token log-probs).
         """
-        b, k, device = image_embs.shape[0], beam_size, image_embs.device
-        embs = image_embs.repeat_interleave(k, dim=0)
+        (b, device, dtype), k = self._rows(image_embs), beam_size
+        embs = self._repeat(image_embs, k)
         prefix = torch.full((b * k, 1), self.sot_id, dtype=torch.long, device=device)
         scores = torch.full((b, k), float("-inf"), device=device)
         scores[:, 0] = 0.0  # all beams start identical: expand only the first one at step 1
@@ -285,6 +293,62 @@ class CaptionDecoder:
         final = scores / lengths.reshape(b, k).clamp_min(1.0) ** length_penalty
         best = torch.arange(b, device=device) * k + final.argmax(dim=1)
         tokens = prefix[best, 1:]
-        mask = torch.ones_like(tokens, dtype=image_embs.dtype)
+        mask = torch.ones_like(tokens, dtype=dtype)
         mask[:, 1:] = (torch.cumsum((tokens == self.eot_id).long(), 1)[:, :-1] == 0).to(mask.dtype)
         return Decoded(tokens, mask, torch.stack(steps, 1)[best])
+
+
+class MixtureDecoder(CaptionDecoder):
+    """Functional ensembling: N captioners decoded as ONE policy, the token-level mixture
+
+        p(y_t | y_<t, x) = sum_i w_i p_i(y_t | y_<t, x),
+
+    the prediction ensemble the rewarded-soups paper compares weight interpolation with (Ramé et al. 2023,
+    Lemma 4 and its ensembling baselines). Each step costs one decoder step of every member with w_i > 0. The
+    members share the tokenizer ids and the output vocabulary; `image_embs` is a list, one `[N, Q, D]` per member
+    (each member encodes the images with its own encoder). Sampling, greedy decoding and beam search work as for
+    one model, on the mixture's log-probs.
+
+    Args:
+        decoders: one CaptionDecoder per member.
+        weights: the mixture weights (>= 0, summing to 1), aligned with `decoders`.
+    """
+
+    def __init__(self, decoders: list[CaptionDecoder], weights: list[float]):
+        if len(decoders) != len(weights) or not decoders:
+            raise ValueError(f"got {len(decoders)} decoders and {len(weights)} weights: one weight per member")
+        if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+            raise ValueError(f"mixture weights must be >= 0 and sum to 1, got {list(weights)}")
+        first = decoders[0]
+        for d in decoders[1:]:
+            same_vocab = (d.vocab is None and first.vocab is None) or (
+                d.vocab is not None and first.vocab is not None and torch.equal(d.vocab, first.vocab))
+            if (d.sot_id, d.eot_id, d.pad_id) != (first.sot_id, first.eot_id, first.pad_id) or not same_vocab:
+                raise ValueError("the members of a mixture must share the tokenizer ids and the output vocabulary")
+        self.__dict__.update({k: v for k, v in first.__dict__.items() if k != "model"})
+        self.model = first.model
+        self.live = [i for i, w in enumerate(weights) if w > 0]
+        self.members = [decoders[i] for i in self.live]
+        self.log_w = torch.log(torch.tensor([weights[i] for i in self.live], dtype=torch.float64))
+
+    def _rows(self, image_embs):
+        return image_embs[0].shape[0], image_embs[0].device, image_embs[0].dtype
+
+    def _repeat(self, image_embs, k: int):
+        return [e.repeat_interleave(k, dim=0) for e in image_embs]
+
+    def _stepper(self, image_embs, first: Tensor):
+        if len(image_embs) != len(self.live):
+            raise ValueError("one image embedding per member with a positive weight")
+        steps = [d._stepper(e, first) for d, e in zip(self.members, image_embs)]
+
+        def step(token: Tensor, reorder: Tensor | None = None) -> Tensor:
+            logps = torch.stack([s(token, reorder) for s in steps])  # [M, N, V']
+            log_w = self.log_w.to(logps.device, logps.dtype)[:, None, None]
+            return torch.logsumexp(logps + log_w, dim=0)
+
+        return step
+
+    def next_logprobs(self, image_embs, prefix: Tensor) -> Tensor:
+        logps = torch.stack([d.next_logprobs(e, prefix) for d, e in zip(self.members, image_embs)])
+        return torch.logsumexp(logps + self.log_w.to(logps.device, logps.dtype)[:, None, None], dim=0)

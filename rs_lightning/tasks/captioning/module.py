@@ -17,6 +17,7 @@ state dict (`soup_state_dict`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from rs_lightning.rewards.registry import build_reward
 from rs_lightning.rl import scst
 from rs_lightning.tasks.captioning import rewards as rw
-from rs_lightning.tasks.captioning.decoding import CaptionDecoder, encode_images
+from rs_lightning.tasks.captioning.decoding import CaptionDecoder, MixtureDecoder, encode_images
 from rs_lightning.tasks.captioning.export import check_vocab
 from rs_lightning.tasks.captioning.model import (
     TINY_COCA,
@@ -176,6 +177,40 @@ class CaptioningModule(L.LightningModule):
         """The CoCa's full state dict (live tensors): what soups of exported experts are written into."""
         return self.model.state_dict()
 
+    def set_ensemble(self, states: list[dict[str, Tensor]] | None, weights: list[float] | None = None) -> None:
+        """Evaluate the token-level mixture of N experts instead of `self.model` (None: back to the model).
+
+        The functional-ensembling baseline of `rs front` (front.ensemble): `states` are the experts' state dicts
+        (the keys `soup_state_dict` uses), `weights` the mixture weights. Member models are copies of
+        `self.model` loaded once per list of states and reused across the sweep's points.
+        """
+        if states is None:
+            self._ensemble = None
+            return
+        cached = getattr(self, "_ensemble_members", None)
+        if cached is None or cached[0] != [id(s) for s in states]:
+            members = []
+            for state in states:
+                member = copy.deepcopy(self.model)
+                member.load_state_dict(state)
+                members.append(member.to(self.device).eval())
+            self._ensemble_members = ([id(s) for s in states], members)
+        members = self._ensemble_members[1]
+        for m in members:
+            m.to(self.device)
+        self._ensemble = (members, list(weights))
+
+    def _caption_decoder(self, images: Tensor):
+        """(decoder, image embeddings) of evaluation: the model's, or the ensemble's mixture (set_ensemble)."""
+        ensemble = getattr(self, "_ensemble", None)
+        if ensemble is None:
+            return self.decoder(), encode_images(self.model, images)
+        members, weights = ensemble
+        tok = self.tokenizer
+        decoders = [CaptionDecoder(m, tok.sot_id, tok.eot_id, tok.pad_id, self.vocab_ids) for m in members]
+        mixture = MixtureDecoder(decoders, weights)
+        return mixture, [encode_images(m, images) for m, w in zip(members, weights) if w > 0]
+
     def configure_optimizers(self):
         hp = self.hparams
         every = hp.anneal_every
@@ -274,9 +309,9 @@ class CaptioningModule(L.LightningModule):
     @torch.no_grad()
     def caption(self, images: Tensor) -> list[str]:
         """Evaluation captions of `[B, 3, S, S]` images (beam search or greedy, per `eval_decoding`)."""
-        hp, decoder = self.hparams, self.decoder()
+        hp = self.hparams
         with self._eval_mode():
-            embs = encode_images(self.model, images)
+            decoder, embs = self._caption_decoder(images)
             if hp.eval_decoding == "beam":
                 out = decoder.beam_search(embs, hp.max_length, hp.beam_size, hp.length_penalty)
             else:
