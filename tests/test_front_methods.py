@@ -125,3 +125,12 @@ def test_ties_without_theta0_is_refused(tmp_path):
     cfg = toy_config(tmp_path, method={"name": "ties"}, init=None)
     code, _, err = _run(cfg)
     assert code == 2 and "needs theta_0" in err
+
+
+def test_lora_adapter_experts_take_the_linear_soup_only(tmp_path):
+    from soup_cases import adapter
+
+    experts = [{"path": str(adapter(tmp_path / f"l{i}", i)), "name": f"l{i}"} for i in (1, 2)]
+    cfg = toy_config(tmp_path, experts=experts, method={"name": "ties"})
+    code, _, err = _run(cfg)
+    assert code == 2 and "LoRA adapter folders, which take the linear soup only" in err, err

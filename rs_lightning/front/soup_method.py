@@ -53,7 +53,8 @@ class SoupMethod:
               allow_extrapolation=allow_extrapolation, allow_nonfinite=True, **self.options)
 
 
-def resolve_soup_method(spec, init: Checkpoint | None, n_experts: int, to_checkpoint) -> SoupMethod:
+def resolve_soup_method(spec, init: Checkpoint | None, n_experts: int, to_checkpoint, adapters: bool = False
+                        ) -> SoupMethod:
     """`front.method` (a MethodSpec or dict) checked and resolved; every problem is a FrontError naming the key.
 
     Args:
@@ -61,6 +62,7 @@ def resolve_soup_method(spec, init: Checkpoint | None, n_experts: int, to_checkp
         init: front.init, theta_0's default for the task-vector methods.
         n_experts: the number of experts (slerp needs 2; fisher needs one file per expert).
         to_checkpoint: turns a config entry into a Checkpoint (config.to_checkpoint).
+        adapters: the experts are PEFT adapter folders (only methods with LoRA modes apply).
     """
     if spec is None:
         return SoupMethod()
@@ -71,6 +73,9 @@ def resolve_soup_method(spec, init: Checkpoint | None, n_experts: int, to_checkp
         options = method.resolve_options(get("options") or {})
     except SoupError as err:
         raise FrontError(f"front.method: {err}") from err
+    if adapters and not method.lora_modes:
+        raise FrontError(f"front.method.name: {name} merges full weights; the experts are LoRA adapter folders, "
+                         "which take the linear soup only (a LoRA task vector is B A, not A and B)")
     if method.n_sources is not None and n_experts != method.n_sources:
         raise FrontError(f"front.method.name: {name} merges exactly {method.n_sources} experts, "
                          f"front.experts has {n_experts}")
