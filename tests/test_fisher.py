@@ -127,3 +127,31 @@ def test_rs_fisher_bad_arguments_are_one_line(caption_expert, capsys):
     assert _fisher(d, path, config, "h.safetensors", "--samples", "0") == 2
     assert "--samples must be >= 1" in capsys.readouterr().err
     assert not (d / "h.safetensors").exists()
+
+
+def test_text_fisher_covers_the_lora_adapter(tmp_path):
+    """The text task: the Fisher of a tiny random Llama's LoRA policy over sampled responses, in adapter keys."""
+    import json
+
+    from rs_lightning.rewards.rules import KeywordReward
+    from rs_lightning.tasks.text.data import PromptDataModule
+    from rs_lightning.tasks.text.model_loading import tiny_random_causal_lm
+    from rs_lightning.tasks.text.module import TextPPOModule
+
+    tiny_random_causal_lm(save_dir=tmp_path / "model")
+    rows = [{"id": str(i), "instruction": f"Write about item {i}.", "reference": "a cat"} for i in range(8)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    module = TextPPOModule(model=str(tmp_path / "model"), rewards=[KeywordReward(["e"], mode="count", name="e")],
+                           lora_r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           eval_max_new_tokens=4, advantage="sequence")
+    module.configure_model()
+    data = PromptDataModule(source=str(tmp_path / "p.jsonl"), tokenizer=str(tmp_path / "model"), num_val=2,
+                            num_test=2, batch_size=2, eval_batch_size=2, prefix_tokens=(0, 0), template="alpaca")
+    data.setup("fit")
+    torch.manual_seed(0)
+    fisher = diagonal_fisher(module, data.train_dataloader(), 3)
+    keys = set(module.soup_state_dict())
+    assert set(fisher) == keys and any("lora_B" in k for k in keys)
+    # LoRA B starts at 0, so the gradient reaches B (through A x) and not yet A (through B): F_B > 0 = F_A.
+    assert all(float(v.sum()) > 0 for k, v in fisher.items() if "lora_B" in k)
+    assert all(float(v.sum()) == 0 for k, v in fisher.items() if "lora_A" in k)

@@ -7,7 +7,8 @@ accelerator), the expert's weights are loaded where a soup writes them (the `sou
 rs_lightning/front/checkpoints.py), and F = mean over `--samples` training examples of the squared gradient of
 the log-likelihood of one output sampled from the expert (rs_lightning/fisher/estimate.py). The output is one
 safetensors file with the soup's keys (fp32), written atomically, its metadata naming the expert and N.
-Supported tasks: those whose LightningModule defines `fisher_log_likelihood(batch)` (captioning today).
+Supported tasks: those whose LightningModule defines `fisher_log_likelihood(batch)`: captioning (every weight of
+the CoCa) and text (the LoRA adapter's weights).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run(parser, cfg) -> tuple[Path, int]:
     module, datamodule = objs.model, objs.data
     if not callable(getattr(module, "fisher_log_likelihood", None)):
         raise SoupError(f"{type(module).__name__} has no fisher_log_likelihood(batch): rs fisher supports the "
-                        "captioning task today")
+                        "captioning and text tasks")
     expert = Checkpoint(path=cfg.ckpt, prefix=cfg.prefix)
     state = load_checkpoint(expert)
     result: dict = {}
@@ -101,8 +102,8 @@ def run(parser, cfg) -> tuple[Path, int]:
             datamodule.setup("fit")
             if cfg.seed_everything is not None:
                 pl.seed_everything(cfg.seed_everything, verbose=False)
-            result["fisher"] = diagonal_fisher(pl_module, datamodule.train_dataloader(), cfg.samples,
-                                               progress=cfg.progress)
+            batches = (trainer.strategy.batch_to_device(b) for b in datamodule.train_dataloader())
+            result["fisher"] = diagonal_fisher(pl_module, batches, cfg.samples, progress=cfg.progress)
             result["n"] = min(cfg.samples, len(datamodule.dataset("train"))) if hasattr(datamodule, "dataset") \
                 else cfg.samples
 

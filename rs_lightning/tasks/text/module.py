@@ -36,7 +36,7 @@ from rs_lightning.rewards.mixture import MixtureReward
 from rs_lightning.soup.lora import live_adapter_state
 from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
-from rs_lightning.tasks.text.rollout import Rollout, generate
+from rs_lightning.tasks.text.rollout import Rollout, generate, response_forward
 from rs_lightning.tasks.text.training import PPOIteration
 
 CRITIC_FREE = ("sequence", "rloo")  # advantages without a value head
@@ -226,6 +226,20 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         contexts = batch.get(self.hparams.reward_prompt_field) or batch["prompts"]
         return self.objective.score_components(list(contexts), self.reward_texts(batch, texts),
                                                batch.get("references"))
+
+    def fisher_log_likelihood(self, batch: dict[str, Any]) -> Tensor:
+        """Per prompt `[B]`: log p(response | prompt) of one response sampled from the policy (the training
+        sampler, `eval_max_new_tokens` tokens), differentiable in the trainable (LoRA) weights: what `rs fisher`
+        squares and averages (rs_lightning.fisher). Eval mode: no dropout."""
+        n = len(batch["prompts"])
+        ro = self.rollout(batch, greedy=False, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            logprobs = response_forward(self.policy, None, ro)["logprobs"]
+        finally:
+            self.policy.train(was_training)
+        return (logprobs * ro.response_mask.to(logprobs.dtype)).sum(1)
 
     # -- evaluation -----------------------------------------------------------------------------------------
 
