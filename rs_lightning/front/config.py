@@ -119,7 +119,7 @@ class FrontSpec:
         summary: how the front is scored.
         method: the merge method of the soups (default linear; see MethodSpec).
         ensemble: also evaluate, at every grid weight off the experts, the token-level mixture of the experts'
-            predictions with those weights (kind "ensemble"; the module needs `set_ensemble`, captioning has it).
+            predictions with those weights (kind "ensemble"; the module needs `set_ensemble`: captioning, text).
     """
 
     experts: list[str | CheckpointSpec] = field(default_factory=list)

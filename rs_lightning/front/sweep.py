@@ -181,7 +181,7 @@ def run_sweep(
     points = plan_points(experts, grid, init=init, morl=morl, one_hot_soups=not method.linear, ensemble=ensemble)
     if ensemble and not callable(getattr(module, "set_ensemble", None)):
         raise FrontError(f"front.ensemble is true but {type(module).__name__} has no set_ensemble(states, weights): "
-                         "this task cannot evaluate a prediction ensemble (the captioning task can)")
+                         "this task cannot evaluate a prediction ensemble (the captioning and text tasks can)")
     check_morl_mu(morl, rewards)
     if validate:
         _check_can_validate(module, datamodule)

@@ -23,6 +23,7 @@ The training iteration itself lives in `training.py`, expert export (PEFT adapte
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -36,7 +37,7 @@ from rs_lightning.rewards.mixture import MixtureReward
 from rs_lightning.soup.lora import live_adapter_state
 from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
-from rs_lightning.tasks.text.rollout import Rollout, generate, response_forward
+from rs_lightning.tasks.text.rollout import Rollout, generate, mixture_greedy, response_forward
 from rs_lightning.tasks.text.training import PPOIteration
 
 CRITIC_FREE = ("sequence", "rloo")  # advantages without a value head
@@ -243,9 +244,36 @@ class TextPPOModule(PPOIteration, L.LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------------------
 
+    def set_ensemble(self, states: list[dict[str, Tensor]] | None, weights: list[float] | None = None) -> None:
+        """Evaluate the token-level mixture of N experts' policies (`rs front` with front.ensemble); None: back to
+        the policy. `states` are expert adapters under `soup_state_dict`'s keys; each member is a copy of the
+        policy with that adapter, built once per list of states and reused across the sweep's points."""
+        if states is None:
+            self._ensemble = None
+            return
+        cached = getattr(self, "_ensemble_members", None)
+        if cached is None or cached[0] != [id(s) for s in states]:
+            members = []
+            for state in states:
+                member = copy.deepcopy(self.policy)
+                live = live_adapter_state(member)
+                with torch.no_grad():
+                    for key, value in state.items():
+                        live[key].copy_(value)
+                members.append(member.eval())
+            self._ensemble_members = ([id(s) for s in states], members)
+        self._ensemble = (self._ensemble_members[1], list(weights))
+
     def _evaluate(self, batch: dict[str, Any], means: nn.ModuleDict, stage: str) -> dict[str, dict[str, Tensor]]:
         n = len(batch["prompts"])
-        ro = self.rollout(batch, greedy=True, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        lengths = [self.hparams.eval_max_new_tokens] * n
+        ensemble = getattr(self, "_ensemble", None)
+        if ensemble is not None:
+            members, weights = ensemble
+            ro = mixture_greedy([m.to(self.device) for m in members], weights, self.tokenizer, batch["input_ids"],
+                                batch["attention_mask"], lengths, ignore_eos=False)
+        else:
+            ro = self.rollout(batch, greedy=True, lengths=lengths, ignore_eos=False)
         components = self.score(batch, ro.texts)
         total = self.objective.combine(components)
         for name, values in [*components.items(), ("total", total)]:

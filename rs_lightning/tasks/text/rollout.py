@@ -71,7 +71,13 @@ def generate(model: nn.Module, tokenizer, query_ids: Tensor, query_mask: Tensor,
     config = generation_config(tokenizer, max(lengths), greedy=greedy, top_k=top_k, top_p=top_p,
                                temperature=temperature, ignore_eos=ignore_eos)
     out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    response = out[:, query_ids.shape[1]:]
+    return _as_rollout(out[:, query_ids.shape[1]:], query_ids, query_mask, lengths, tokenizer, ignore_eos)
+
+
+def _as_rollout(response: Tensor, query_ids: Tensor, query_mask: Tensor, lengths: list[int], tokenizer,
+                ignore_eos: bool) -> Rollout:
+    """Generated tokens -> Rollout: response i keeps its first lengths[i] tokens, up to and including its first
+    EOS (unless `ignore_eos`); the rest is padding."""
     positions = torch.arange(response.shape[1], device=response.device)
     mask = positions[None, :] < torch.tensor(lengths, device=response.device)[:, None]
     if not ignore_eos and tokenizer.eos_token_id is not None:
@@ -85,6 +91,43 @@ def generate(model: nn.Module, tokenizer, query_ids: Tensor, query_mask: Tensor,
         tokenizer.decode(ids[: int(m.sum())], skip_special_tokens=True) for ids, m in zip(response, mask)
     ]
     return Rollout(query_ids, query_mask, response, mask, texts)
+
+
+@torch.no_grad()
+def mixture_greedy(models: list[nn.Module], weights: list[float], tokenizer, query_ids: Tensor, query_mask: Tensor,
+                   lengths: list[int], *, ignore_eos: bool = False) -> Rollout:
+    """Greedy decoding of the token-level mixture sum_i w_i p_i(y_t | y_<t, x) of N causal LMs: functional
+    ensembling, the prediction ensemble the rewarded-soups paper compares weight interpolation with (Ramé et al.
+    2023, Lemma 4). One KV cache per member; each new token costs one forward pass of every member with w_i > 0.
+    Left-padded queries get explicit positions (the first real token at 0), as `response_forward` gives them.
+    """
+    live = [(m, w) for m, w in zip(models, weights) if w > 0]
+    if not live or any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"mixture weights must be >= 0 and sum to 1, got {list(weights)}")
+    device = query_ids.device
+    log_w = torch.log(torch.tensor([w for _, w in live], dtype=torch.float64, device=device))
+    mask = query_mask.clone()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    ids, caches = query_ids, [None] * len(live)
+    done = torch.zeros(query_ids.shape[0], dtype=torch.bool, device=device)
+    eos = None if ignore_eos else tokenizer.eos_token_id
+    tokens = []
+    for _ in range(max(lengths)):
+        logps = []
+        for j, (model, _) in enumerate(live):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=caches[j],
+                        use_cache=True, logits_to_keep=1)
+            caches[j] = out.past_key_values
+            logps.append(torch.log_softmax(out.logits[:, -1].double(), dim=-1))
+        token = torch.logsumexp(torch.stack(logps) + log_w[:, None, None], dim=0).argmax(-1)
+        token = torch.where(done, torch.full_like(token, tokenizer.pad_token_id), token)
+        tokens.append(token)
+        if eos is not None:
+            done = done | (token == eos)
+        ids = token[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+    return _as_rollout(torch.stack(tokens, 1), query_ids, query_mask, lengths, tokenizer, ignore_eos)
 
 
 def response_forward(model: nn.Module, value_head: nn.Module | None, rollout: Rollout, *,
