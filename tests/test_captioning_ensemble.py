@@ -132,3 +132,7 @@ def test_front_ensemble_rows_and_their_hypervolume(tmp_path):
     assert "ensemble" in summary["hypervolume"] and "rs_minus_ensemble" in summary["hypervolume"]
     assert summary["cost"]["ensemble_seconds_per_point"] > 0
     assert "rs_minus_ensemble" in summary["uncertainty"]["hypervolume"]
+    # A second run resumes: every row, ensemble rows included, is read back and reused.
+    assert main(["front", "--config", str(tmp_path / "front.yaml"), "--no-progress"]) == 0
+    again = [json.loads(line) for line in (tmp_path / "run" / "front.jsonl").read_text().splitlines()]
+    assert again == rows

@@ -26,7 +26,7 @@ from rs_lightning.front.errors import FrontError
 from rs_lightning.soup.paths import make_parents, remove_empty
 
 FRONT_FILE = "front.jsonl"
-KINDS = ("soup", "expert", "init", "morl")
+KINDS = ("soup", "expert", "init", "morl", "ensemble")
 TIMING_FIELDS = ("seconds",)
 
 
@@ -100,7 +100,7 @@ def check_row(row) -> str | None:
     if not isinstance(row["name"], str):
         return f"name {row['name']!r} is not a string"
     weights = row.get("weights")
-    if row["kind"] in ("soup", "expert") and not (_numbers(weights) and weights):
+    if row["kind"] in ("soup", "expert", "ensemble") and not (_numbers(weights) and weights):
         return f"{row['kind']} row {row['name']!r} has weights {weights!r}, not a list of numbers"
     if row.get("mu") is not None and not _numbers(row["mu"]):
         return f"row {row['name']!r} has mu {row['mu']!r}, not a list of numbers"
