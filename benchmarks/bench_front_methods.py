@@ -209,8 +209,14 @@ def main(argv=None) -> int:
     p.add_argument("--replicate", type=int, default=0)
     p.add_argument("--samples", type=int, default=64, help="rs fisher examples per expert (demo)")
     p.add_argument("--out", type=Path, default=None, help="default runs/front_methods/<toy|demo-rR>")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    # The models are tiny: one thread (a second OpenMP thread on a shared 2-core machine turns each op into a
+    # scheduler wait; the demo's stages run single-threaded for the same reason).
+    torch.set_num_threads(args.threads)
     out = args.out or Path("runs/front_methods") / ("toy" if args.toy else f"demo-r{args.replicate}")
     out.mkdir(parents=True, exist_ok=True)
     table, text = toy_study(out) if args.toy else demo_study(args.demo, args.replicate, out, args.samples)
