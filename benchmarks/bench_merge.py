@@ -6,7 +6,9 @@ run. Every result carries GB/s and the ratio to copy's GB/s in `extra_info`.
 
     (a) naive   {k: sum(w_i * sd_i[k])}                     model-soups style
     (b) stack   (torch.stack([sd_i[k]]) * w[:, None]).sum(0)  mergekit style (per tensor)
-    (c) torch   rs_lightning.soup.interpolate(impl="torch"), in place
+    (c) torch   rs_lightning.soup.interpolate(impl="torch"), in place (the default path)
+    (c') native rs_lightning.soup.interpolate with the opt-in fused CPU kernel (RS_SOUP_NATIVE=1);
+        native_nocheck: the same without the NaN/inf pre-check pass (allow_nonfinite=True), the merge core alone
     (d) triton  rs_lightning.soup.interpolate(impl="triton"), CUDA only
     (e) copy    out[k].copy_(sd_0[k])
 
@@ -22,7 +24,7 @@ import time
 import pytest
 import torch
 
-from rs_lightning.soup import interpolate
+from rs_lightning.soup import cpu_kernel, interpolate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,7 +41,7 @@ def _parse_size(text: str) -> int:
 SIZES = [_parse_size(s) for s in os.environ.get("RS_BENCH_SIZES", "16M,128M").split(",")]
 DTYPE_NAMES = os.environ.get("RS_BENCH_DTYPES", "fp32,bf16").split(",")
 KS = [int(k) for k in os.environ.get("RS_BENCH_K", "2,3,4").split(",")]
-METHODS = ["naive", "stack", "torch", "triton", "copy"]
+METHODS = ["naive", "stack", "torch", "native", "native_nocheck", "triton", "copy"]
 
 
 def _sync():
@@ -87,6 +89,18 @@ def run_method(method: str, sources, out, weights):
         }
     if method in ("torch", "triton"):
         return interpolate(sources, weights, out=out, impl=method)
+    if method in ("native", "native_nocheck"):
+        # The opt-in fused CPU kernel (RS_SOUP_NATIVE=1); "nocheck" skips interpolate's NaN/inf pre-check pass
+        # (allow_nonfinite), i.e. the merge core alone: the check reads every source once more before writing.
+        previous = os.environ.get("RS_SOUP_NATIVE")
+        os.environ["RS_SOUP_NATIVE"] = "1"
+        try:
+            return interpolate(sources, weights, out=out, impl="torch", allow_nonfinite=method == "native_nocheck")
+        finally:
+            if previous is None:
+                del os.environ["RS_SOUP_NATIVE"]
+            else:
+                os.environ["RS_SOUP_NATIVE"] = previous
     if method == "copy":
         for key, value in out.items():
             value.copy_(sources[0][key])
@@ -129,6 +143,8 @@ def copy_gbs(p: int, dtype: torch.dtype) -> float:
 def test_merge_throughput(benchmark, machine, p, dtype_name, k, method):
     if method == "triton" and DEVICE != "cuda":
         pytest.skip("the Triton path is benchmarked on CUDA only (the CPU interpreter is for tests)")
+    if method.startswith("native") and (DEVICE != "cpu" or cpu_kernel.build_library() is None):
+        pytest.skip("the fused kernel is a CPU path and needs a C++ compiler")
     if method == "copy" and k != KS[0]:
         pytest.skip("copy does not depend on K: measured once per size and dtype")
     dtype = DTYPES[dtype_name]

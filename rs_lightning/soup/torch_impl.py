@@ -1,6 +1,13 @@
 """Torch path of the soup engine: out_j <- sum_k w_k x_kj, fast on CPU and GPU, exact to one rounding.
 
 Why it is shaped this way:
+- On CPU, large contiguous tensors go through the fused kernel of `cpu_kernel` when it can be built here (a
+  C++ compiler): each source read once, the sum kept in fp32 registers (bf16/fp16 converted in registers),
+  the output written once, one call for all tensors split once across the threads. Measured side by side
+  (2-core Xeon, 2 threads, P = 128M, best of 5): 108-139 % of `copy_` GB/s for fp32/bf16 at K = 3 and 8,
+  2.2-3.6x the chunked loop below (30-60 % of `copy_`: K + 2 OpenMP regions per chunk, mixed-dtype adds).
+  Opt-in (`RS_SOUP_NATIVE=1`, see cpu_kernel.enabled); the loop below is the default and the fallback (not
+  enabled, no compiler, strided, CUDA).
 - Large tensors are processed in chunks: for each chunk a small fp32 (fp64 for fp64 inputs) accumulator
   is filled from the K sources and written once to the output. The accumulator stays in cache, so memory
   traffic is close to the (K+1)·P·bytes minimum, there is no K-sized temporary (no `torch.stack`), and
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from rs_lightning.soup import cpu_kernel
 
 # Elements per chunk for large tensors: 2^18 fp32 = 1 MiB accumulator, resident in a CPU's L2. On CUDA each
 # chunk costs K + 2 kernel launches (~10 us each), so 1 MiB chunks made the path launch-bound (measured on an
@@ -41,11 +50,19 @@ def weighted_sum_(outs: list[Tensor], sources: list[list[Tensor]], weights: list
         weights: K finite floats.
     """
     packs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    fused: list[tuple[Tensor, list[Tensor]]] = []
     for j, out in enumerate(outs):
         if out.numel() < SMALL:
             packs.setdefault((out.device, accumulation_dtype(out.dtype)), []).append(j)
+            continue
+        xs = [src[j] for src in sources]
+        if out.device.type == "cpu" and cpu_kernel.supported(out, xs):
+            fused.append((out, xs))
         else:
-            _sum_large(out, [src[j] for src in sources], weights)
+            _sum_large(out, xs, weights)
+    if fused:
+        # One fused pass over all large CPU tensors, split once across the threads (see cpu_kernel).
+        cpu_kernel.weighted_sum(fused, weights)
     for (_, acc_dtype), idx in packs.items():
         start = 0
         total = 0

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from rs_lightning.soup import cpu_kernel
 from rs_lightning.soup.errors import SoupError
 
 SOUPABLE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,6 +45,9 @@ def count_nonfinite(t: Tensor) -> tuple[int, int]:
 # Elements per slice of the exact check: torch.isfinite allocates temporaries ~1.8x the input (measured:
 # 454 MiB for a 256 MiB fp32 tensor), which would show up as peak RSS in the streaming merge.
 _CHUNK = 1 << 20
+# From this many elements a CPU tensor is checked by the compiled kernel of `cpu_kernel` when it is
+# available (an exact test of the exponent bits, one read, no temporary); below, torch's sum is as fast.
+_NATIVE_MIN = 1 << 14
 
 
 def is_finite(t: Tensor) -> bool:
@@ -54,6 +58,8 @@ def is_finite(t: Tensor) -> bool:
     """
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if t.numel() >= _NATIVE_MIN and cpu_kernel.can_check(t):
+        return not cpu_kernel.any_nonfinite([t])[0]
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     if bool(torch.isfinite(t.sum(dtype=acc))):
         return True
@@ -80,9 +86,21 @@ def check_finite_sources(
     sources: Sequence[Mapping[str, Tensor]], keys: Sequence[str], names: Sequence[str], live: Sequence[int]
 ) -> None:
     """Check the floating tensors of the sources that enter the soup (`live`: non-zero weight)."""
+    # Large CPU tensors are checked in one threaded call of the fused kernel (a read of each source at
+    # memory speed; the fp32 `sum` below converts bf16 first and ran at ~35 % of copy_ on 2 threads).
+    # Errors are raised in the same order as one check per (key, source).
+    batch = [
+        (key, i)
+        for key in keys
+        for i in live
+        if sources[i][key].numel() >= _NATIVE_MIN and cpu_kernel.can_check(sources[i][key])
+    ]
+    flags = dict(zip(batch, cpu_kernel.any_nonfinite([sources[i][key] for key, i in batch]))) if batch else {}
     for key in keys:
         for i in live:
-            check_finite(sources[i][key], key, names[i])
+            t = sources[i][key]
+            if flags.get((key, i), False) or ((key, i) not in flags and not is_finite(t)):
+                raise nonfinite_error(t, key, names[i])
 
 
 def check_finite_result(t: Tensor, key: str, dtype_note: str = "") -> None:
