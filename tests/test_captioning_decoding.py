@@ -1,6 +1,8 @@
 """CoCa loading and decoding: parity with open_clip's decoder, exact log-probs, beam search, the SCST gradient."""
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +18,16 @@ from rs_lightning.tasks.captioning.model import (
     vocab_from_references,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caption_models import perturbed_coca  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
 def coca():
     """A tiny CoCa with non-uniform outputs (a fresh open_clip init predicts a near-uniform distribution)."""
-    torch.manual_seed(0)
-    model = load_coca("coca-tiny").eval()
-    with torch.no_grad():
-        model.text_decoder.text_projection.normal_(0.0, 1.0)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_coca(0)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ full-pass log-probs; one-hot weights and identical members reduce to one model; 
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +16,14 @@ import torch
 from rs_lightning.tasks.captioning.decoding import CaptionDecoder, MixtureDecoder, encode_images
 from rs_lightning.tasks.captioning.model import CaptionTokenizer, load_coca
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caption_models import perturbed_coca  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _coca(seed):
-    torch.manual_seed(seed)
-    model = load_coca("coca-tiny").eval().double()
-    with torch.no_grad():
-        model.text_decoder.text_projection.normal_(0.0, 1.0)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_coca(seed, torch.float64)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,18 @@ search) giving the same captions and log-probs with and without the cache.
 """
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from rs_lightning.tasks.captioning.decoding import CaptionDecoder, decoder_hidden, encode_images
 from rs_lightning.tasks.captioning.incremental import IncrementalDecoder, supports_incremental
-from rs_lightning.tasks.captioning.model import CaptionTokenizer, load_coca
+from rs_lightning.tasks.captioning.model import CaptionTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caption_models import perturbed_coca  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
@@ -20,13 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 @pytest.fixture(scope="module")
 def coca64():
     """A tiny CoCa in float64 with non-uniform outputs (random perturbation of every weight)."""
-    torch.manual_seed(1)
-    model = load_coca("coca-tiny").eval().double()
-    with torch.no_grad():
-        model.text_decoder.text_projection.normal_(0.0, 1.0)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed_coca(1, torch.float64)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from rs_lightning.tasks.captioning.model import (
     vocab_from_references,
 )
 from rs_lightning.tasks.captioning.schedule import configure_radam
+from rs_lightning.tasks.ensemble import EnsembleMembers
 
 DEFAULT_EVAL_METRICS = ("bleu1", "bleu4", "rouge_l", "cider_d", "meteor")
 
@@ -187,17 +188,15 @@ class CaptioningModule(L.LightningModule):
         if states is None:
             self._ensemble = None
             return
-        cached = getattr(self, "_ensemble_members", None)
-        if cached is None or cached[0] != [id(s) for s in states]:
-            members = []
-            for state in states:
-                member = copy.deepcopy(self.model)
-                member.load_state_dict(state)
-                members.append(member.to(self.device).eval())
-            self._ensemble_members = ([id(s) for s in states], members)
-        members = self._ensemble_members[1]
-        for m in members:
-            m.to(self.device)
+
+        def build(state):
+            member = copy.deepcopy(self.model)
+            member.load_state_dict(state)
+            return member
+
+        if getattr(self, "_ensemble_members", None) is None:
+            self._ensemble_members = EnsembleMembers()
+        members = [m.to(self.device) for m in self._ensemble_members.get(states, build)]
         self._ensemble = (members, list(weights))
 
     def _caption_decoder(self, images: Tensor):

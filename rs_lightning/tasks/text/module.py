@@ -35,6 +35,7 @@ from rs_lightning import rl
 from rs_lightning.rewards.base import RewardMetric
 from rs_lightning.rewards.mixture import MixtureReward
 from rs_lightning.soup.lora import live_adapter_state
+from rs_lightning.tasks.ensemble import EnsembleMembers
 from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
 from rs_lightning.tasks.text.rollout import Rollout, generate, mixture_greedy, response_forward
@@ -251,18 +252,18 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         if states is None:
             self._ensemble = None
             return
-        cached = getattr(self, "_ensemble_members", None)
-        if cached is None or cached[0] != [id(s) for s in states]:
-            members = []
-            for state in states:
-                member = copy.deepcopy(self.policy)
-                live = live_adapter_state(member)
-                with torch.no_grad():
-                    for key, value in state.items():
-                        live[key].copy_(value)
-                members.append(member.eval())
-            self._ensemble_members = ([id(s) for s in states], members)
-        self._ensemble = (self._ensemble_members[1], list(weights))
+
+        def build(state):
+            member = copy.deepcopy(self.policy)
+            live = live_adapter_state(member)
+            with torch.no_grad():
+                for key, value in state.items():
+                    live[key].copy_(value)
+            return member
+
+        if getattr(self, "_ensemble_members", None) is None:
+            self._ensemble_members = EnsembleMembers()
+        self._ensemble = (self._ensemble_members.get(states, build), list(weights))
 
     def _evaluate(self, batch: dict[str, Any], means: nn.ModuleDict, stage: str) -> dict[str, dict[str, Tensor]]:
         n = len(batch["prompts"])
