@@ -194,6 +194,28 @@ def demo_study(demo: Path, replicate: int, out: Path, samples: int) -> tuple[lis
     return table, text
 
 
+def pooled_markdown(tables: dict[int, list[dict]], title: str) -> str:
+    """HV − linear per replicate [paired bootstrap] and across replicates [Student t], per method."""
+    from rs_lightning.demo.report import across_replicates
+
+    reps = sorted(tables)
+    methods = [t["method"] for t in tables[reps[0]] if t["method"] != "linear"]
+
+    def cell(d):
+        return f"{d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+    lines = [f"### {title}", "", "| HV − linear | " + " | ".join(f"replicate {r}" for r in reps) + " | pooled |",
+             "|---|" + "---|" * (len(reps) + 1)]
+    for m in methods:
+        per = [next(t for t in tables[r] if t["method"] == m) for r in reps]
+        cells = [cell(t["minus_linear_interval"]) if t.get("minus_linear_interval") else f"{t['minus_linear']:+.4f}"
+                 for t in per]
+        pooled = across_replicates([t["minus_linear"] for t in per])
+        pooled_cell = cell(pooled) if pooled.get("low") is not None else f"{pooled['value']:+.4f}"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {pooled_cell} |")
+    return "\n".join(lines) + "\n"
+
+
 def test_front_methods_on_the_toy(benchmark, tmp_path):
     table, text = benchmark.pedantic(toy_study, args=(tmp_path,), rounds=1, iterations=1)
     benchmark.extra_info["table"] = text
@@ -206,7 +228,8 @@ def main(argv=None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--toy", action="store_true", help="the quadratic toy (seconds)")
     what.add_argument("--demo", type=Path, help="a finished demo folder, e.g. runs/demo/captioning")
-    p.add_argument("--replicate", type=int, default=0)
+    p.add_argument("--replicate", type=int, nargs="+", default=[0],
+                   help="demo replicates to study; with several, HV − linear is also pooled across them")
     p.add_argument("--samples", type=int, default=64, help="rs fisher examples per expert (demo)")
     p.add_argument("--out", type=Path, default=None, help="default runs/front_methods/<toy|demo-rR>")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -217,13 +240,26 @@ def main(argv=None) -> int:
     # The models are tiny: one thread (a second OpenMP thread on a shared 2-core machine turns each op into a
     # scheduler wait; the demo's stages run single-threaded for the same reason).
     torch.set_num_threads(args.threads)
-    out = args.out or Path("runs/front_methods") / ("toy" if args.toy else f"demo-r{args.replicate}")
-    out.mkdir(parents=True, exist_ok=True)
-    table, text = toy_study(out) if args.toy else demo_study(args.demo, args.replicate, out, args.samples)
-    (out / "methods.md").write_text(text)
-    (out / "methods.json").write_text(json.dumps(table, indent=2))
-    print(text)
-    print(f"plot: {out / 'methods.png'}")
+    if args.toy:
+        out = args.out or Path("runs/front_methods") / "toy"
+        out.mkdir(parents=True, exist_ok=True)
+        studies = {None: (out, *toy_study(out))}
+    else:
+        studies = {}
+        for r in args.replicate:
+            out = (args.out or Path("runs/front_methods")) / f"demo-r{r}"
+            out.mkdir(parents=True, exist_ok=True)
+            studies[r] = (out, *demo_study(args.demo, r, out, args.samples))
+    for out, table, text in studies.values():
+        (out / "methods.md").write_text(text)
+        (out / "methods.json").write_text(json.dumps(table, indent=2))
+        print(text)
+        print(f"plot: {out / 'methods.png'}")
+    if len(studies) > 1:
+        text = pooled_markdown({r: t for r, (_, t, _) in studies.items()},
+                               f"HV − linear across demo replicates {', '.join(map(str, studies))}")
+        (args.out or Path("runs/front_methods")).joinpath("methods_pooled.md").write_text(text)
+        print(text)
     return 0
 
 
