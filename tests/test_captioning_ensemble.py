@@ -135,3 +135,20 @@ def test_front_ensemble_rows_and_their_hypervolume(tmp_path):
     assert main(["front", "--config", str(tmp_path / "front.yaml"), "--no-progress"]) == 0
     again = [json.loads(line) for line in (tmp_path / "run" / "front.jsonl").read_text().splitlines()]
     assert again == rows
+
+
+def test_the_member_cache_follows_the_state_objects_not_their_ids():
+    from rs_lightning.tasks.ensemble import EnsembleMembers
+
+    cache, built = EnsembleMembers(), []
+
+    def build(state):
+        built.append(state["w"].item())
+        return torch.nn.Linear(1, 1)
+
+    states = [{"w": torch.tensor(1.0)}, {"w": torch.tensor(2.0)}]
+    first = cache.get(states, build)
+    assert cache.get(states, build) is first and built == [1.0, 2.0]  # the same dicts: reused
+    del states
+    fresh = [{"w": torch.tensor(100.0)}, {"w": torch.tensor(200.0)}]  # may reuse the freed dicts' ids
+    assert cache.get(fresh, build) is not first and built[-2:] == [100.0, 200.0]

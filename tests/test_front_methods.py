@@ -134,3 +134,9 @@ def test_lora_adapter_experts_take_the_linear_soup_only(tmp_path):
     cfg = toy_config(tmp_path, experts=experts, method={"name": "ties"})
     code, _, err = _run(cfg)
     assert code == 2 and "LoRA adapter folders, which take the linear soup only" in err, err
+
+
+def test_an_ensemble_with_a_target_prefix_is_refused(tmp_path):
+    cfg = toy_config(tmp_path, ensemble=True, target_prefix="model.")
+    code, _, err = _run(cfg)
+    assert code == 2 and "front.ensemble with front.target_prefix" in err, err

@@ -240,6 +240,13 @@ def test_non_floating_buffers_follow_the_soup_rule_and_out_is_written_in_place()
     assert got["steps"].item() == 11 and got["w"].data_ptr() == out["w"].data_ptr()
 
 
+def test_ties_keeps_an_empty_tensor_empty():
+    base = {"e": torch.zeros(0, 3), "w": torch.zeros(4)}
+    xs = [{"e": torch.zeros(0, 3), "w": torch.randn(4)} for _ in range(2)]
+    got = merge(xs, [0.5, 0.5], "ties", base=base)
+    assert got["e"].shape == (0, 3)
+
+
 def test_writing_into_a_source_reads_it_first():
     theta0, xs = _experts(2, torch.float64)
     want = merge(xs, [0.4, 0.6], "ties", base=theta0, density=0.5)
@@ -277,6 +284,14 @@ BAD = {
                               r"key 'b': base \(theta_0\) has shape \(4,\)"),
     "nan in a source": (lambda t0, xs, fs: merge([{**xs[0], "b": torch.full((13,), float("nan"))}, xs[1]],
                                                  [0.5, 0.5], "ties", base=t0), r"'b'.*NaN"),
+    "nan in a zero-weight source": (lambda t0, xs, fs: merge([xs[0], {**xs[1], "b": torch.full((13,), float("nan"))}],
+                                                             [1.0, 0.0], "ties", base=t0), r"'b'.*source 1.*NaN"),
+    "dot threshold of 1": (lambda t0, xs, fs: merge(xs, [0.5, 0.5], "slerp", dot_threshold=1.0),
+                           r"dot_threshold must be in \[0, 1\)"),
+    "non-integral seed": (lambda t0, xs, fs: merge(xs, [0.5, 0.5], "dare_ties", base=t0, seed=1.9),
+                          r"seed must be an integer, got 1.9"),
+    "negative fisher weight": (lambda t0, xs, fs: merge(xs, [-0.5, 1.5], "fisher", fisher=fs, allow_extrapolation=True),
+                               r"'fisher' takes weights >= 0"),
     "impl for ties": (lambda t0, xs, fs: merge(xs, [0.5, 0.5], "ties", base=t0, impl="triton"),
                       r"applies to method 'linear' only"),
 }

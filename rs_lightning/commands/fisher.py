@@ -8,7 +8,8 @@ rs_lightning/front/checkpoints.py), and F = mean over `--samples` training examp
 the log-likelihood of one output sampled from the expert (rs_lightning/fisher/estimate.py). The output is one
 safetensors file with the soup's keys (fp32), written atomically, its metadata naming the expert and N.
 Supported tasks: those whose LightningModule defines `fisher_log_likelihood(batch)`: captioning (every weight of
-the CoCa) and text (the LoRA adapter's weights).
+the CoCa) and text (the LoRA adapter's weights). The `fisher` merge method takes full-weight experts only for now,
+so a text Fisher (adapter keys) waits for Fisher-weighted adapter soups.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def run(parser, cfg) -> tuple[Path, int]:
             if cfg.seed_everything is not None:
                 pl.seed_everything(cfg.seed_everything, verbose=False)
             batches = (trainer.strategy.batch_to_device(b) for b in datamodule.train_dataloader())
-            result["fisher"] = diagonal_fisher(pl_module, batches, cfg.samples, progress=cfg.progress)
+            result["fisher"] = diagonal_fisher(pl_module, batches, cfg.samples, progress=cfg.progress,
+                                               targets=soup_target(pl_module, cfg.target_prefix))
             result["n"] = min(cfg.samples, len(datamodule.dataset("train"))) if hasattr(datamodule, "dataset") \
                 else cfg.samples
 

@@ -42,7 +42,8 @@ def _param_index(module: nn.Module, targets: Mapping[str, Tensor]) -> list[tuple
 
 
 def diagonal_fisher(module: nn.Module, batches: Iterable[Any], n_samples: int, *,
-                    log_likelihood=None, progress: bool = False) -> dict[str, Tensor]:
+                    log_likelihood=None, progress: bool = False,
+                    targets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The diagonal Fisher of `module` over the first `n_samples` examples of `batches`.
 
     Args:
@@ -52,6 +53,8 @@ def diagonal_fisher(module: nn.Module, batches: Iterable[Any], n_samples: int, *
         n_samples: examples to average over (>= 1).
         log_likelihood: `batch -> Tensor[B]`, default `module.fisher_log_likelihood`.
         progress: a tqdm bar over the examples.
+        targets: key -> live tensor of what the soup merges (default `fisher_keys(module)`; `rs fisher` passes
+            the module's tensors under `--target_prefix`, the keys the experts' checkpoints have).
 
     Returns:
         key -> fp32 Fisher tensor for every floating soup key (0 where no trainable parameter backs the key).
@@ -65,7 +68,7 @@ def diagonal_fisher(module: nn.Module, batches: Iterable[Any], n_samples: int, *
     if fn is None:
         raise ValueError(f"{type(module).__name__} has no fisher_log_likelihood(batch): this task cannot estimate "
                          "a Fisher yet")
-    targets = fisher_keys(module)
+    targets = fisher_keys(module) if targets is None else targets
     index = _param_index(module, targets)
     if not index:
         raise ValueError("no trainable parameter backs the soup's keys: nothing to estimate")

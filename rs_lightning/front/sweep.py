@@ -179,6 +179,9 @@ def run_sweep(
         raise FrontError("the grid is empty: give at least one weight vector")
     method = method or SoupMethod()
     points = plan_points(experts, grid, init=init, morl=morl, one_hot_soups=not method.linear, ensemble=ensemble)
+    if ensemble and target_prefix:
+        raise FrontError("front.ensemble with front.target_prefix: a prediction ensemble builds whole member models "
+                         "from the experts, which a target_prefix restricts to part of the module; drop one of them")
     if ensemble and not callable(getattr(module, "set_ensemble", None)):
         raise FrontError(f"front.ensemble is true but {type(module).__name__} has no set_ensemble(states, weights): "
                          "this task cannot evaluate a prediction ensemble (the captioning and text tasks can)")

@@ -272,7 +272,7 @@ def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation, 
     def load(i: int, key: str) -> Tensor:
         t = sources[i][key]
         # Checked as read (the file is named, nothing is written yet); a zero-weight source adds nothing.
-        if not allow_nonfinite and weights[i] != 0.0 and not is_finite(t):
+        if not allow_nonfinite and (weights[i] != 0.0 or not merger.linear) and not is_finite(t):
             raise nonfinite_error(t, key, f"source {i} ({sources[i].path})")
         # Upcasting before the sum (e.g. bf16 experts -> fp32 soup) keeps the fp32 result exact, instead
         # of rounding to bf16 first and widening after.

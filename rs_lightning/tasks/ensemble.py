@@ -17,14 +17,19 @@ class EnsembleMembers:
     """The members for the current list of expert states, rebuilt only when the list changes."""
 
     def __init__(self) -> None:
-        self._key: list[int] | None = None
+        self._states: list[Mapping[str, Tensor]] = []
         self._models: list[nn.Module] = []
 
     def get(self, states: Sequence[Mapping[str, Tensor]], build: Callable[[Mapping[str, Tensor]], nn.Module]
             ) -> list[nn.Module]:
-        """One model per state (`build(state)`), cached by the identity of the state dicts."""
-        key = [id(s) for s in states]
-        if key != self._key:
+        """One model per state (`build(state)`), reused while the SAME state dict objects are passed. The states
+        are held (not just their ids: a freed dict's id can be reused by a new one with other weights)."""
+        same = len(states) == len(self._states) and all(a is b for a, b in zip(states, self._states))
+        if not same:
             self._models = [build(s).eval() for s in states]
-            self._key = key
+            self._states = list(states)
         return self._models
+
+    def clear(self) -> None:
+        """Drop the members (N model copies) and the states they came from."""
+        self._states, self._models = [], []

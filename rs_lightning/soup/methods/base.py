@@ -74,6 +74,9 @@ class MergeMethod:
             if value is None:
                 continue
             default = self.options[name]
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
+                    and not value.is_integer():
+                raise SoupError(f"method '{self.name}': option {name} must be an integer, got {value!r}")
             try:
                 value = type(default)(value) if not isinstance(default, bool) else _as_bool(value, name)
             except (TypeError, ValueError) as err:
@@ -102,6 +105,9 @@ def check_option_ranges(method: str, options: Mapping[str, object]) -> None:
     if "drop_rate" in options and not 0.0 <= float(options["drop_rate"]) < 1.0:
         raise SoupError(f"method '{method}': drop_rate must be in [0, 1) (the fraction of each task vector "
                         f"dropped), got {options['drop_rate']}")
+    if "dot_threshold" in options and not 0.0 <= float(options["dot_threshold"]) < 1.0:
+        raise SoupError(f"method '{method}': dot_threshold must be in [0, 1) (|cos| above it falls back to the "
+                        f"linear merge), got {options['dot_threshold']}")
     if "epsilon" in options and not float(options["epsilon"]) > 0.0:
         raise SoupError(f"method '{method}': epsilon must be > 0, got {options['epsilon']}")
 

@@ -32,7 +32,10 @@ def check_method_weights(method: MergeMethod, weights: Sequence[float], n: int, 
     if method.n_sources is not None and n != method.n_sources:
         raise SoupError(f"method '{method.name}' merges exactly {method.n_sources} sources, got {n}")
     if method.simplex_weights:
-        return validate_weights(weights, n, allow_extrapolation=allow_extrapolation)
+        ws = validate_weights(weights, n, allow_extrapolation=allow_extrapolation)
+        if method.name == "fisher" and min(ws) < 0:
+            raise SoupError(f"method 'fisher' takes weights >= 0 (sum_i w_i F_i must stay positive), got {ws}")
+        return ws
     try:
         ws = [float(w) for w in weights]
     except (TypeError, ValueError) as err:
@@ -140,8 +143,8 @@ def merge(
         _check_out(target, srcs[0], keys)
     floating = [k for k in keys if srcs[0][k].is_floating_point()]
     if not allow_nonfinite:
-        live = [i for i, w in enumerate(ws) if w != 0.0]
-        check_finite_sources(srcs, floating, labels, live)
+        # Every source enters a non-linear merge, whatever its weight (slerp's angle, TIES's election, 0 x NaN).
+        check_finite_sources(srcs, floating, labels, list(range(len(srcs))))
         if base_sd is not None:
             check_finite_sources([base_sd], floating, ["base (theta_0)"], [0])
     result = {k: target[k] for k in keys}

@@ -29,7 +29,7 @@ def slerp_tensor(xs: list[Tensor], weights: list[float], base: Tensor | None, op
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     ua = a / na if na > eps else a
     ub = b / nb if nb > eps else b
-    dot = float((ua * ub).sum())
+    dot = min(1.0, max(-1.0, float((ua * ub).sum())))
     if abs(dot) > threshold:
         return (1.0 - t) * a + t * b
     omega = math.acos(dot)

@@ -37,7 +37,7 @@ DIVISOR_FLOOR = 1e-8
 
 def magnitude_trim(tau: Tensor, density: float) -> Tensor:
     """tau with all but its int(density * numel) largest-magnitude entries set to 0 (at least one kept)."""
-    if density >= 1.0:
+    if density >= 1.0 or tau.numel() == 0:
         return tau
     flat = tau.reshape(-1)
     k = max(1, int(density * flat.numel()))

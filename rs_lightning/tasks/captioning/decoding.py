@@ -349,6 +349,12 @@ class MixtureDecoder(CaptionDecoder):
 
         return step
 
+    def token_logprobs(self, image_embs, tokens: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError("a mixture is decoded, not trained: score tokens with each member's decoder")
+
+    def xe_loss(self, image_embs, captions: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        raise NotImplementedError("a mixture is decoded, not trained: train its members")
+
     def next_logprobs(self, image_embs, prefix: Tensor) -> Tensor:
         logps = torch.stack([d.next_logprobs(e, prefix) for d, e in zip(self.members, image_embs)])
         return torch.logsumexp(logps + self.log_w.to(logps.device, logps.dtype)[:, None, None], dim=0)

@@ -185,7 +185,7 @@ class CaptioningModule(L.LightningModule):
         (the keys `soup_state_dict` uses), `weights` the mixture weights. Member models are copies of
         `self.model` loaded once per list of states and reused across the sweep's points.
         """
-        if states is None:
+        if states is None:  # back to the model; the members stay built for the sweep's next point
             self._ensemble = None
             return
 

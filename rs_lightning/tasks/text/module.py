@@ -249,7 +249,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         """Evaluate the token-level mixture of N experts' policies (`rs front` with front.ensemble); None: back to
         the policy. `states` are expert adapters under `soup_state_dict`'s keys; each member is a copy of the
         policy with that adapter, built once per list of states and reused across the sweep's points."""
-        if states is None:
+        if states is None:  # back to the model; the members stay built for the sweep's next point
             self._ensemble = None
             return
 
