@@ -20,7 +20,9 @@ two experts = base + N(0, 0.02^2) noise (seeds 1 and 2). Each method runs throug
                                                                                consensus "sum", magnitude trim
     slerp            merge([e1, e2], [0.3, 0.7], method="slerp")             mergekit base_model=e1, t=0.7
 
-Every tensor must agree within atol 1e-6 (rtol 0), with the same key set, shape and dtype.
+Every tensor must agree within atol 1e-6 (rtol 0), with the same key set, shape and dtype. Run as a script,
+the module prints the numbers instead (max |ours - mergekit| per method, and for slerp how many tensors take its
+linear fallback):  PYTHONPATH=../mkenv .venv/bin/python tests/test_soup_methods_mergekit.py
 """
 
 import json
@@ -186,3 +188,36 @@ def test_matches_mergekit(llamas, method):
         worst[name] = (got.detach().cpu() - ref).abs().max().item()
     bad = {k: v for k, v in worst.items() if not v <= ATOL}
     assert not bad, f"{method}: {len(bad)} tensors differ from mergekit by > {ATOL}: {bad}"
+
+
+def _max_differences() -> None:
+    """Print max |ours - mergekit| per method and embedding tie (the note's and RESULTS.md's numbers)."""
+    import tempfile
+    from importlib.metadata import version
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    print(f"mergekit {version('mergekit')}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for tie in (False, True):
+            root = Path(tmp) / ("tied" if tie else "untied")
+            m = {"tie": tie, "root": root, "base": _save_llama(root / "base", tie, None),
+                 "e1": _save_llama(root / "e1", tie, 1), "e2": _save_llama(root / "e2", tie, 2)}
+            e1, e2 = _load(m["e1"]), _load(m["e2"])
+            print(f"== {'tied' if tie else 'untied'} embeddings ({len(e1)} tensors)")
+            for method in METHODS:
+                theirs, ours = _run_mergekit(method, m), _run_ours(method, m)
+                worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+                line = f"{method:16s} max |ours - mergekit| {worst:.3e}"
+                if method == "slerp":  # mergekit falls back to the linear merge when |cos| > 0.9995
+                    cos = {k: torch.nn.functional.cosine_similarity(e1[k].flatten().double(),
+                                                                    e2[k].flatten().double(), dim=0).item()
+                           for k in e1}
+                    closest = min(cos, key=lambda k: abs(abs(cos[k]) - 0.9995))
+                    line += (f"   ({sum(abs(c) > 0.9995 for c in cos.values())}/{len(cos)} tensors take the linear "
+                             f"fallback; cos nearest the threshold: {cos[closest]:.5f}, {closest})")
+                print(line)
+
+
+if __name__ == "__main__":
+    _max_differences()
