@@ -170,18 +170,10 @@ def interpolate(
         check_finite_sources(srcs, floating, labels, live)
     heaviest = max(range(len(ws)), key=lambda i: (ws[i], -i))
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-    seen_storage: set[tuple] = set()
-    for key in keys:
+    for key in distinct_storage(result, keys):
         o = result[key]
-        # Tied weights appear under two names with one storage: write it once, or a write through the
-        # first name would corrupt a source that aliases `out` before the second name reads it.
-        ident = (o.device, o.data_ptr(), tuple(o.shape), tuple(o.stride()), o.dtype) if o.numel() else None
-        if ident is not None and ident in seen_storage:
-            continue
-        if ident is not None:
-            seen_storage.add(ident)
         if not o.is_floating_point():
-            _copy_non_floating(o, [s[key] for s in srcs], heaviest)
+            copy_non_floating(o, [s[key] for s in srcs], heaviest)
         elif len(live) == 1:
             x = srcs[live[0]][key]
             if x is not o:
@@ -208,7 +200,25 @@ def interpolate(
     return result
 
 
-def _copy_non_floating(o: Tensor, xs: list[Tensor], heaviest: int) -> None:
+def distinct_storage(out: Mapping[str, Tensor], keys: Sequence[str]) -> list[str]:
+    """`keys` without the later names of a tensor already listed: tied weights appear under two names with one
+    storage, and must be written once, or a write through the first name would corrupt a source that aliases
+    `out` before the second name reads it."""
+    kept, seen = [], set()
+    for key in keys:
+        o = out[key]
+        ident = (o.device, o.data_ptr(), tuple(o.shape), tuple(o.stride()), o.dtype) if o.numel() else None
+        if ident is not None and ident in seen:
+            continue
+        if ident is not None:
+            seen.add(ident)
+        kept.append(key)
+    return kept
+
+
+def copy_non_floating(o: Tensor, xs: list[Tensor], heaviest: int) -> None:
+    """Integer/bool buffers cannot be averaged: copied when identical across sources, else the heaviest
+    source's (index `heaviest`)."""
     first = xs[0]
     same = all(x.device == first.device and torch.equal(x, first) for x in xs[1:])
     chosen = first if same else xs[heaviest]

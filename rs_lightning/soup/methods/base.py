@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from rs_lightning.soup.errors import SoupError
+from rs_lightning.soup.interpolate import copy_non_floating
 from rs_lightning.soup.values import check_finite_result
 
 
@@ -123,24 +124,13 @@ def key_generator(seed: int, key: str) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
 
 
-def copy_non_floating(out: Tensor, xs: Sequence[Tensor], weights: Sequence[float]) -> None:
-    """Integer/bool buffers cannot be merged: copied when identical across sources, else the heaviest source's
-    (the first on ties), the rule `interpolate` follows."""
-    first = xs[0]
-    same = all(x.device == first.device and torch.equal(x, first) for x in xs[1:])
-    heaviest = max(range(len(weights)), key=lambda i: (weights[i], -i))
-    chosen = first if same else xs[heaviest]
-    if chosen is not out:
-        with torch.no_grad():
-            out.copy_(chosen)
-
-
 def merge_one(method: MergeMethod, out: Tensor, xs: Sequence[Tensor], weights: Sequence[float],
               base: Tensor | None, options: Mapping, key: str, fisher: Sequence[Tensor] | None,
               allow_nonfinite: bool) -> None:
     """Merge one tensor with `method` into `out` (which may be one of the sources: every input is read first)."""
     if not out.is_floating_point():
-        copy_non_floating(out, xs, weights)
+        # The soup's rule (interpolate): copied when identical, else the heaviest source's (first on ties).
+        copy_non_floating(out, list(xs), max(range(len(weights)), key=lambda i: (weights[i], -i)))
         return
     dtype = compute_dtype(out.dtype)
     device = out.device

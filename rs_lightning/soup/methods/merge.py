@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from rs_lightning.soup.errors import SoupError
-from rs_lightning.soup.interpolate import _as_state_dict, _check_out, _source_list, check_compatible, interpolate
+from rs_lightning.soup.interpolate import (
+    _as_state_dict,
+    _check_out,
+    _source_list,
+    check_compatible,
+    distinct_storage,
+    interpolate,
+)
 from rs_lightning.soup.methods.base import MergeMethod, merge_one
 from rs_lightning.soup.methods.registry import get_method
 from rs_lightning.soup.values import check_finite_sources
@@ -148,14 +155,8 @@ def merge(
         if base_sd is not None:
             check_finite_sources([base_sd], floating, ["base (theta_0)"], [0])
     result = {k: target[k] for k in keys}
-    seen: set[tuple] = set()
-    for key in keys:
+    for key in distinct_storage(result, keys):  # tied weights: one storage under two names, merged once
         o = result[key]
-        ident = (o.device, o.data_ptr(), tuple(o.shape), tuple(o.stride()), o.dtype) if o.numel() else None
-        if ident is not None and ident in seen:
-            continue  # tied weights: one storage under two names, merged once
-        if ident is not None:
-            seen.add(ident)
         merge_one(m, o, [s[key] for s in srcs], ws, None if base_sd is None else base_sd[key], opts, key,
                   None if fisher_sds is None or not o.is_floating_point() else [f[key] for f in fisher_sds],
                   allow_nonfinite)
