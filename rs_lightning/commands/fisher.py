@@ -104,10 +104,10 @@ def run(parser, cfg) -> tuple[Path, int]:
             if cfg.seed_everything is not None:
                 pl.seed_everything(cfg.seed_everything, verbose=False)
             batches = (trainer.strategy.batch_to_device(b) for b in datamodule.train_dataloader())
+            counts: dict = {}
             result["fisher"] = diagonal_fisher(pl_module, batches, cfg.samples, progress=cfg.progress,
-                                               targets=soup_target(pl_module, cfg.target_prefix))
-            result["n"] = min(cfg.samples, len(datamodule.dataset("train"))) if hasattr(datamodule, "dataset") \
-                else cfg.samples
+                                               targets=soup_target(pl_module, cfg.target_prefix), counts=counts)
+            result["n"] = counts["examples"]
 
     trainer_args = {k: v for k, v in vars(cfg.trainer).items() if k not in ("callbacks", "logger")}
     trainer_args.update(QUIET_TRAINER, callbacks=[Estimate()], limit_val_batches=1, num_sanity_val_steps=0,

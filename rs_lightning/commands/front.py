@@ -91,7 +91,7 @@ def run_from_config(parser, cfg):
     from rs_lightning.soup.lora import is_peft_adapter_dir
 
     adapters = any(e.path and is_peft_adapter_dir(e.path) for e in experts)
-    method = resolve_soup_method(getattr(front, "method", None), init, len(experts), to_checkpoint, adapters)
+    method = resolve_soup_method(getattr(front, "method", None), init, len(experts), adapters)
     extra_named = [("front.method.base", method.base)] * (method.base is not None and method.base is not init)
     extra_named += [(f"front.method.fisher[{i}]", f) for i, f in enumerate(method.fisher)]
     for key, ckpt in extra_named:

@@ -43,7 +43,7 @@ def _param_index(module: nn.Module, targets: Mapping[str, Tensor]) -> list[tuple
 
 def diagonal_fisher(module: nn.Module, batches: Iterable[Any], n_samples: int, *,
                     log_likelihood=None, progress: bool = False,
-                    targets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+                    targets: Mapping[str, Tensor] | None = None, counts: dict | None = None) -> dict[str, Tensor]:
     """The diagonal Fisher of `module` over the first `n_samples` examples of `batches`.
 
     Args:
@@ -55,6 +55,7 @@ def diagonal_fisher(module: nn.Module, batches: Iterable[Any], n_samples: int, *
         progress: a tqdm bar over the examples.
         targets: key -> live tensor of what the soup merges (default `fisher_keys(module)`; `rs fisher` passes
             the module's tensors under `--target_prefix`, the keys the experts' checkpoints have).
+        counts: if given, receives {"examples": N actually averaged over} (fewer than asked when the data ends).
 
     Returns:
         key -> fp32 Fisher tensor for every floating soup key (0 where no trainable parameter backs the key).
@@ -102,6 +103,8 @@ def diagonal_fisher(module: nn.Module, batches: Iterable[Any], n_samples: int, *
         bar.close()
     if seen == 0:
         raise ValueError("no example to estimate the Fisher on (the data loader is empty)")
+    if counts is not None:
+        counts["examples"] = seen
     fisher = {k: torch.zeros(t.shape, dtype=torch.float32) for k, t in targets.items() if t.is_floating_point()}
     for acc, (_, keys) in zip(sums, index):
         for key in keys:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from rs_lightning.front.checkpoints import Checkpoint, fingerprint
+from rs_lightning.front.config import to_checkpoint
 from rs_lightning.front.errors import FrontError
 from rs_lightning.soup import SoupError
 from rs_lightning.soup.methods import get_method, merge
@@ -53,15 +54,13 @@ class SoupMethod:
               allow_extrapolation=allow_extrapolation, allow_nonfinite=True, **self.options)
 
 
-def resolve_soup_method(spec, init: Checkpoint | None, n_experts: int, to_checkpoint, adapters: bool = False
-                        ) -> SoupMethod:
+def resolve_soup_method(spec, init: Checkpoint | None, n_experts: int, adapters: bool = False) -> SoupMethod:
     """`front.method` (a MethodSpec or dict) checked and resolved; every problem is a FrontError naming the key.
 
     Args:
         spec: the config's method section (None: linear).
         init: front.init, theta_0's default for the task-vector methods.
         n_experts: the number of experts (slerp needs 2; fisher needs one file per expert).
-        to_checkpoint: turns a config entry into a Checkpoint (config.to_checkpoint).
         adapters: the experts are PEFT adapter folders (only methods with LoRA modes apply).
     """
     if spec is None:
