@@ -269,24 +269,24 @@ def _merge_group(sources, keys, infos, weights, out_dtype, allow_extrapolation, 
     floating = all(infos[k].dtype.is_floating_point for k in keys)
     live = [i for i, w in enumerate(weights) if w != 0.0] if floating and merger.linear else list(range(len(sources)))
 
-    def load(i: int, key: str) -> Tensor:
-        t = sources[i][key]
-        # Checked as read (the file is named, nothing is written yet); a zero-weight source adds nothing.
-        if not allow_nonfinite and (weights[i] != 0.0 or not merger.linear) and not is_finite(t):
-            raise nonfinite_error(t, key, f"source {i} ({sources[i].path})")
+    def read(src: Source, key: str, where: str, check: bool) -> Tensor:
+        t = src[key]
+        # Checked as read (the file is named, nothing is written yet).
+        if check and not is_finite(t):
+            raise nonfinite_error(t, key, where)
         # Upcasting before the sum (e.g. bf16 experts -> fp32 soup) keeps the fp32 result exact, instead
         # of rounding to bf16 first and widening after.
         if out_dtype is not None and t.is_floating_point() and out_dtype.itemsize > t.dtype.itemsize:
             t = t.to(out_dtype)
         return t
 
+    def load(i: int, key: str) -> Tensor:
+        # A zero-weight source adds nothing to a linear soup; every other method reads it (0 x NaN = NaN).
+        check = not allow_nonfinite and (weights[i] != 0.0 or not merger.linear)
+        return read(sources[i], key, f"source {i} ({sources[i].path})", check)
+
     def load_extra(src: Source, key: str) -> Tensor:
-        t = src[key]
-        if not allow_nonfinite and not is_finite(t):
-            raise nonfinite_error(t, key, f"the base {src.path}")
-        if out_dtype is not None and t.is_floating_point() and out_dtype.itemsize > t.dtype.itemsize:
-            t = t.to(out_dtype)
-        return t
+        return read(src, key, f"the base {src.path}", not allow_nonfinite)
 
     per_source = [{k: load(i, k) for k in keys} for i in live]
     if merger.linear:
