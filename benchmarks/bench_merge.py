@@ -6,8 +6,9 @@ run. Every result carries GB/s and the ratio to copy's GB/s in `extra_info`.
 
     (a) naive   {k: sum(w_i * sd_i[k])}                     model-soups style
     (b) stack   (torch.stack([sd_i[k]]) * w[:, None]).sum(0)  mergekit style (per tensor)
-    (c) torch   rs_lightning.soup.interpolate(impl="torch"), in place (the default path)
-    (c') native rs_lightning.soup.interpolate with the opt-in fused CPU kernel (RS_SOUP_NATIVE=1);
+    (c) torch   rs_lightning.soup.interpolate(impl="torch") with the fused CPU kernel off (RS_SOUP_NATIVE=0):
+        the chunked torch loop, the fallback where no C++ compiler is found
+    (c') native rs_lightning.soup.interpolate, in place, as it runs by default on CPU (the fused kernel);
         native_nocheck: the same without the NaN/inf pre-check pass (allow_nonfinite=True), the merge core alone
     (d) triton  rs_lightning.soup.interpolate(impl="triton"), CUDA only
     (e) copy    out[k].copy_(sd_0[k])
@@ -87,13 +88,14 @@ def run_method(method: str, sources, out, weights):
             key: (torch.stack([sd[key] for sd in sources]) * w.to(sources[0][key].dtype)[:, None]).sum(0)
             for key in sources[0]
         }
-    if method in ("torch", "triton"):
+    if method == "triton":
         return interpolate(sources, weights, out=out, impl=method)
-    if method in ("native", "native_nocheck"):
-        # The opt-in fused CPU kernel (RS_SOUP_NATIVE=1); "nocheck" skips interpolate's NaN/inf pre-check pass
-        # (allow_nonfinite), i.e. the merge core alone: the check reads every source once more before writing.
+    if method in ("torch", "native", "native_nocheck"):
+        # "torch": the chunked loop (the fused CPU kernel off); "native": the default CPU path, the fused kernel;
+        # "nocheck" skips interpolate's NaN/inf pre-check pass (allow_nonfinite), i.e. the merge core alone:
+        # the check reads every source once more before writing.
         previous = os.environ.get("RS_SOUP_NATIVE")
-        os.environ["RS_SOUP_NATIVE"] = "1"
+        os.environ["RS_SOUP_NATIVE"] = "0" if method == "torch" else "1"
         try:
             return interpolate(sources, weights, out=out, impl="torch", allow_nonfinite=method == "native_nocheck")
         finally:

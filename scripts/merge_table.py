@@ -19,15 +19,24 @@ from benchmarks import bench_merge as bm  # noqa: E402
 from benchmarks.conftest import machine_description  # noqa: E402
 
 
+def _runs_here(method: str) -> bool:
+    """triton is a CUDA path, native* (the fused CPU kernel) a CPU one; the rest run anywhere."""
+    if method == "triton":
+        return bm.DEVICE == "cuda"
+    if method.startswith("native"):
+        return bm.DEVICE == "cpu"
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="16M,128M")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--k", default="2,3,4")
-    parser.add_argument("--methods", default="naive,stack,torch,triton")
+    parser.add_argument("--methods", default="naive,stack,torch,native,native_nocheck,triton")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    methods = [m for m in args.methods.split(",") if m != "triton" or bm.DEVICE == "cuda"]
+    methods = [m for m in args.methods.split(",") if _runs_here(m)]
     print(f"device: {bm.DEVICE} | {machine_description()}")
     print("| P | dtype | K | method | ms | GB/s | % of copy_ GB/s |")
     print("|---|---|---|---|---|---|---|")
@@ -56,7 +65,7 @@ def main() -> None:
             for _ in range(k)
         ]
         out = {key: torch.empty_like(v) for key, v in sources[0].items()}
-        for method in [m for m in methods if m in ("naive", "torch", "triton")]:
+        for method in [m for m in methods if m in ("naive", "torch", "native", "triton")]:
             best = bm.best_time(method, sources, out, bm.weights_for(k), 20)
             print(f"| LoRA 256 tensors 16.8M | {str(dtype)[6:]} | {k} | {method} | {best * 1e3:.3f} | - | - |")
 

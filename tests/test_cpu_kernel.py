@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rs_lightning.soup import cpu_kernel, interpolate, torch_impl, values
+from rs_lightning.soup import SoupError, cpu_kernel, interpolate, torch_impl, values
 
-# The kernel is opt-in (RS_SOUP_NATIVE=1): these tests build it regardless and switch it on for each test.
+# The kernel is on by default; RS_SOUP_NATIVE=1 pins it on whatever the caller's environment says.
 pytestmark = pytest.mark.skipif(cpu_kernel.build_library() is None,
                                 reason="no C++ compiler here: the torch loop is used")
 
@@ -162,3 +162,13 @@ def test_interpolate_names_the_first_nonfinite_source():
     sources[1]["b"][10] = float("inf")
     with pytest.raises(Exception, match="key 'a'.*NaN"):
         interpolate(sources, [0.2, 0.3, 0.5])
+
+
+def test_on_by_default_and_the_switch_is_checked(monkeypatch):
+    monkeypatch.delenv("RS_SOUP_NATIVE")
+    assert cpu_kernel.enabled() and cpu_kernel.load() is not None
+    monkeypatch.setenv("RS_SOUP_NATIVE", "0")
+    assert not cpu_kernel.enabled() and cpu_kernel.load() is None
+    monkeypatch.setenv("RS_SOUP_NATIVE", "yes")
+    with pytest.raises(SoupError, match="RS_SOUP_NATIVE must be 0 or 1, got 'yes'"):
+        interpolate([{"x": torch.ones(70000)}, {"x": torch.zeros(70000)}], [0.5, 0.5])

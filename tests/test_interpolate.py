@@ -4,7 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from rs_lightning.soup import SoupError, interpolate, torch_impl
+from rs_lightning.soup import SoupError, cpu_kernel, interpolate, torch_impl
+
+
+@pytest.fixture(autouse=True, params=["kernel", "loop"])
+def cpu_path(request, monkeypatch):
+    """Every contract below holds on both CPU paths: the fused kernel (the default where a C++ compiler is
+    found) and the chunked torch loop (RS_SOUP_NATIVE=0, the fallback)."""
+    if request.param == "kernel" and cpu_kernel.build_library() is None:
+        pytest.skip("no C++ compiler here: only the torch loop runs")
+    monkeypatch.setenv("RS_SOUP_NATIVE", "1" if request.param == "kernel" else "0")
+    return request.param
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Awkward sizes: 0-d, odd, prime, just past the packing threshold, several chunks with a ragged tail.

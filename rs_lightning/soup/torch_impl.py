@@ -6,8 +6,8 @@ Why it is shaped this way:
   the output written once, one call for all tensors split once across the threads. Measured side by side
   (2-core Xeon, 2 threads, P = 128M, best of 5): 108-139 % of `copy_` GB/s for fp32/bf16 at K = 3 and 8,
   2.2-3.6x the chunked loop below (30-60 % of `copy_`: K + 2 OpenMP regions per chunk, mixed-dtype adds).
-  Opt-in (`RS_SOUP_NATIVE=1`, see cpu_kernel.enabled); the loop below is the default and the fallback (not
-  enabled, no compiler, strided, CUDA).
+  On by default (`RS_SOUP_NATIVE=0` turns it off, see cpu_kernel.enabled); the loop below is the fallback
+  (turned off, no compiler, strided, CUDA).
 - Large tensors are processed in chunks: for each chunk a small fp32 (fp64 for fp64 inputs) accumulator
   is filled from the K sources and written once to the output. The accumulator stays in cache, so memory
   traffic is close to the (K+1)·P·bytes minimum, there is no K-sized temporary (no `torch.stack`), and
