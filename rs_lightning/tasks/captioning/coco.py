@@ -85,9 +85,13 @@ class KarpathyCOCO:
         entry = self.entries[index]
         return self.root / entry["filepath"] / entry["filename"]
 
-    def __getitem__(self, index: int) -> dict:
+    def picture(self, index: int) -> Image.Image:
+        """The untransformed RGB image of item `index` (what a person looks at, e.g. in `rs serve`)."""
         with Image.open(self.image_path(index)) as img:
-            image = img.convert("RGB")
+            return img.convert("RGB")
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.picture(index)
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "references": self.references[index], "id": self.entries[index]["id"]}

@@ -114,6 +114,11 @@ class CaptionDataModule(LightningDataModule):
         for split in splits.get(stage, ("train", "val", "test")):
             self.dataset(split)
 
+    def example_views(self, split: str, indices: list[int]) -> list[dict[str, Any]]:
+        """What a person sees of items `indices` of a split (`rs serve`): the image (PIL) and its references."""
+        ds = self.dataset(split)
+        return [{"image": ds.picture(i), "references": list(ds.references[i])} for i in indices]
+
     def train_references(self) -> list[list[str]]:
         """The reference lists of the training images, each image once (CIDEr-D df, output vocabulary)."""
         return [list(refs) for refs in self.dataset("train").references]

@@ -317,6 +317,16 @@ class CaptioningModule(L.LightningModule):
                 out = decoder.generate(embs, hp.max_length, greedy=True)
         return self.tokenizer.decode_batch(out.tokens)
 
+    @torch.no_grad()
+    def serve_step(self, batch: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
+        """Captions of `batch` by the model as it now is, and each test metric's per-caption score, without
+        logging: what `rs serve` shows for the soup of the moment (the same values `test_step` would score)."""
+        images = batch["images"].to(self.device)
+        texts = self.caption(images)
+        scores = {name: metric.score(texts, batch["references"], images).float().cpu().tolist()
+                  for name, metric in self.test_metrics.items()}
+        return texts, scores
+
     def _evaluate(self, batch: dict[str, Any], metrics: nn.ModuleDict, stage: str) -> tuple[list[str], dict]:
         texts, refs = self.caption(batch["images"]), batch["references"]
         scores = {}

@@ -160,8 +160,12 @@ class SyntheticCaptions:
     def __len__(self) -> int:
         return len(self.scenes)
 
+    def picture(self, index: int) -> Image.Image:
+        """The untransformed image of item `index` (what a person looks at, e.g. in `rs serve`)."""
+        return render(self.scenes[index], self.image_size)
+
     def __getitem__(self, index: int) -> dict:
-        image = render(self.scenes[index], self.image_size)
+        image = self.picture(index)
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "references": self.references[index], "id": f"{self.split}-{index}"}

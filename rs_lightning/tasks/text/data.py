@@ -213,6 +213,20 @@ class PromptDataModule(ResumableTrainOrder, LightningDataModule):
             rank_zero_info(f"{self.source}: dropped {dropped[0]} prompts longer than {self.max_prompt_tokens} tokens")
         self.train_set, self.val_set, self.test_set = PromptDataset(train), PromptDataset(val), PromptDataset(test)
 
+    def example_views(self, split: str, indices: list[int]) -> list[dict[str, Any]]:
+        """What a person sees of items `indices` of a split (`rs serve`): the prompt (and reference, if any)."""
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for examples")
+        views = []
+        for i in indices:
+            item = dataset[i]
+            view = {"prompt": item.get("prompt")}
+            if item.get("reference"):
+                view["references"] = [item["reference"]]
+            views.append(view)
+        return views
+
     def _loader(self, dataset: PromptDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")

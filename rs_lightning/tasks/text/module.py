@@ -286,6 +286,16 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         # Per-example scores of exactly the logged `<stage>/reward/*`, in batch order (rs_lightning.front.per_example).
         return {"rewards": {name: values.detach().float().cpu() for name, values in components.items()}}
 
+    @torch.no_grad()
+    def serve_step(self, batch: dict[str, Any]) -> tuple[list[str], dict[str, list[float]]]:
+        """Greedy responses of the policy as it now is and each reward's per-response score, without logging:
+        what `rs serve` shows for the soup of the moment (the values `test_step` scores)."""
+        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        n = len(batch["prompts"])
+        ro = self.rollout(batch, greedy=True, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        components = self.score(batch, ro.texts)
+        return list(ro.texts), {name: values.float().cpu().tolist() for name, values in components.items()}
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, dict[str, Tensor]]:
         return self._evaluate(batch, self.val_means, "val")
 
