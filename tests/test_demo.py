@@ -19,7 +19,8 @@ def run_demo(out) -> str:
 
 
 def test_readme_help_commands_work(capsys):
-    for command in (["--help"], ["demo", "--help"], ["soup", "--help"], ["front", "--help"], ["list"]):
+    for command in (["--help"], ["demo", "--help"], ["soup", "--help"], ["front", "--help"], ["serve", "--help"],
+                    ["list"]):
         try:
             code = main(command)
         except SystemExit as exit_:  # argparse's --help
