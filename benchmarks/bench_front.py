@@ -11,7 +11,8 @@ two "experts" are small random perturbations of it), measured in one run:
     (d) save+load   interpolate into new tensors, safetensors save_file, load_file, load_state_dict
                     (the minimal round trip of codebases that evaluate a soup from disk)
     (e) HF round    interpolate, save_pretrained, LlamaForCausalLM.from_pretrained (the usual HF flow)
-    (f) hypervolume exact HV of a 286-point 4-reward front (the summary's most expensive indicator)
+    (f) hypervolume exact HV (moocore) of a 286-point 4-reward front and a 2000-point 2-reward set, and the
+                    speed-up over the hand-written slicing it replaced (benchmarks/hv_slicing.py)
 
 `extra_info` carries the parameter count and, for (a), (d), (e), the ratio to the evaluation time of (b)
 measured in the same session. Run: `.venv/bin/python -m pytest benchmarks/bench_front.py`.
@@ -195,16 +196,33 @@ def test_e_hf_round_trip(benchmark, setup):
         benchmark.extra_info["over_swap"] = round(_TIMES["hf_round_trip"] / _TIMES["swap"], 1)
 
 
-def test_f_hypervolume_4d(benchmark):
+@pytest.mark.parametrize("case", ["4d_286_points", "2d_2000_points"])
+def test_f_hypervolume(benchmark, case):
+    """Exact hypervolume through moocore, and its speed-up over the hand-written slicing it replaced (one timed
+    call of that, in the same run)."""
+    import sys
+
     from rs_lightning.front import hypervolume, lattice_grid
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hv_slicing import hypervolume_by_slicing
+
     rng = np.random.default_rng(0)
-    # A concave 4-reward front over the m = 10 lattice of 4 experts: 286 points, all non-dominated.
-    w = np.asarray(lattice_grid(4, 10))
-    pts = np.sqrt(np.clip(w + 0.01 * rng.random(w.shape), 0, None))
-    value = benchmark(hypervolume, pts, np.zeros(4))
-    benchmark.extra_info["points"] = len(pts)
-    benchmark.extra_info["hv"] = value
+    if case == "4d_286_points":
+        # A concave 4-reward front over the m = 10 lattice of 4 experts: 286 points, all non-dominated.
+        w = np.asarray(lattice_grid(4, 10))
+        pts = np.sqrt(np.clip(w + 0.01 * rng.random(w.shape), 0, None))
+    else:
+        pts = np.abs(rng.normal(size=(2000, 2)))
+        pts /= np.linalg.norm(pts, axis=1, keepdims=True)
+    ref = np.zeros(pts.shape[1])
+    value = benchmark(hypervolume, pts, ref)
+    start = time.perf_counter()
+    old = hypervolume_by_slicing(pts, ref)
+    old_seconds = time.perf_counter() - start
+    assert abs(old - value) <= 1e-12 * max(1.0, abs(value))
+    benchmark.extra_info.update(points=len(pts), hv=value, slicing_seconds=old_seconds,
+                                speedup=round(old_seconds / benchmark.stats.stats.median, 1))
 
 
 def test_g_bootstrap_summary_13_points_200_examples(benchmark):

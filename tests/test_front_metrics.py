@@ -85,6 +85,12 @@ def test_points_that_do_not_dominate_ref_add_nothing():
     assert hypervolume(np.zeros((0, 3)), [0, 0, 0]) == 0.0
 
 
+def test_hypervolume_one_reward_and_five_rewards_hand():
+    assert hypervolume([[0.5], [2.0], [1.0]], [0.0]) == pytest.approx(2.0, abs=1e-12)
+    # 5-D (past the 4-D limit of the slicing it replaced): two unit-overlapping boxes of volume 2 each.
+    assert hypervolume([[2, 1, 1, 1, 1], [1, 1, 1, 1, 2]], [0] * 5) == pytest.approx(3.0, abs=1e-12)
+
+
 def test_hypervolume_rejects_bad_shapes():
     with pytest.raises(ValueError, match="ref has"):
         hypervolume([[1, 2]], [0, 0, 0])
@@ -95,7 +101,7 @@ def test_hypervolume_rejects_bad_shapes():
 # Hypervolume: random sets against independent references
 
 
-@pytest.mark.parametrize("d", [2, 3, 4])
+@pytest.mark.parametrize("d", [2, 3, 4, 5, 6])
 def test_hypervolume_matches_inclusion_exclusion(d):
     rng = np.random.default_rng(d)
     for _ in range(25):

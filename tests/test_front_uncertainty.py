@@ -162,12 +162,20 @@ def test_paired_draws_share_example_indices_across_points():
 
 def test_hypervolume_draws_is_the_exact_hypervolume_of_each_replicate():
     rng = np.random.default_rng(1)
-    for d, m in ((1, 5), (2, 9), (3, 7), (4, 6)):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_front_metrics import hv_inclusion_exclusion  # an independent exact reference
+
+    for d, m in ((1, 5), (2, 9), (3, 7), (4, 6), (5, 6)):
         z = rng.uniform(-0.2, 1.0, size=(11, m, d))
         z[:, 1] = z[:, 0]  # duplicates
         z[:, 2, 0] = -0.5  # below the reference on one reward
         ref = rng.uniform(-0.15, 0.05, size=(11, d))
         got = hypervolume_draws(z, ref)
+        want = [hv_inclusion_exclusion(z[b], ref[b]) for b in range(11)]
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
         assert got == pytest.approx([hypervolume(z[b], ref[b]) for b in range(11)], rel=1e-12, abs=1e-15)
 
 

@@ -11,9 +11,9 @@ reference point. Intervals are percentile intervals of the replicates (Efron & T
 Introduction to the Bootstrap", ch. 13); "value" is the statistic on the full test set.
 
 Vectorised: the per-example array is [P, n, K] (points, examples, rewards); the index matrix [n_boot, n]
-becomes a count matrix and the replicate means are one product [n_boot, n] @ [n, P*K]. Hypervolumes of all
-replicates are computed at once: the 2-D sweep of metrics.hypervolume on [n_boot, m] arrays, and for d >= 3
-its slicing along the last reward (m^(d-2) vectorised 2-D sweeps).
+becomes a count matrix and the replicate means are one product [n_boot, n] @ [n, P*K]. The hypervolume of each
+replicate is moocore's exact one (metrics.hypervolume_positive), any number of rewards: ~15-25 ms for 1000
+replicates of 13-66 points in 2-4 dimensions.
 """
 
 from __future__ import annotations
@@ -87,30 +87,14 @@ def hypervolume_draws(z: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _hv_positive_draws(q: np.ndarray) -> np.ndarray:
-    """Volume of the union of boxes [0, q_i] per replicate (q >= 0, [B, m, d]); all replicates at once."""
-    b, m, d = q.shape
-    if d == 1:
-        return q[..., 0].max(axis=1)
-    if d == 2:
-        # With x sorted descending, point i covers y in (max of earlier y, y_i] at width x_i.
-        order = np.argsort(-q[..., 0], axis=1, kind="stable")
-        x = np.take_along_axis(q[..., 0], order, axis=1)
-        y = np.take_along_axis(q[..., 1], order, axis=1)
-        prev = np.concatenate([np.zeros((b, 1)), np.maximum.accumulate(y, axis=1)[:, :-1]], axis=1)
-        return np.sum(x * np.clip(y - prev, 0.0, None), axis=1)
-    # Slice along the last reward (as metrics._hv_positive does): between two consecutive levels the slab
-    # is covered by the points at or above it, i.e. the first i + 1 in descending order of that reward.
-    order = np.argsort(-q[..., -1], axis=1, kind="stable")
-    q = np.take_along_axis(q, order[..., None], axis=1)
-    levels = np.concatenate([q[..., -1], np.zeros((b, 1))], axis=1)
-    total = np.zeros(b)
-    for i in range(m):
-        height = levels[:, i] - levels[:, i + 1]
-        sub = np.where((np.arange(m) <= i)[None, :, None], q[..., :-1], 0.0)
-        total += height * _hv_positive_draws(sub)
-    return total
+    """Volume of the union of boxes [0, q_i] per replicate (q >= 0, [B, m, d]); zero rows cover nothing."""
+    from rs_lightning.front.metrics import hypervolume_positive
 
-
+    out = np.zeros(q.shape[0])
+    for i, draw in enumerate(q):
+        keep = draw[np.all(draw > 0, axis=1)]
+        out[i] = hypervolume_positive(keep) if len(keep) else 0.0
+    return out
 def interval(draws: np.ndarray, value: float, level: float) -> dict:
     """{"value", "low", "high"}: the full-sample statistic and the percentile interval of its replicates."""
     a = (1.0 - level) / 2.0
