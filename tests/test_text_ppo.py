@@ -776,3 +776,53 @@ def test_compare_estimators_parallel_workers_match_in_process(tmp_path):
         assert [r["reward"] for r in a["rows"]] == [r["reward"] for r in b["rows"]]
         assert a["eval_end"]["kl_per_prompt"] == b["eval_end"]["kl_per_prompt"] and b["eval_end"]["kl_prompts"] == 2
         assert a["eval_end"]["reward"] == b["eval_end"]["reward"]
+
+
+# ---- old log-probs from the sampling pass (critic-free modes) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_sampling_logprobs_equal_a_forward_pass_of_the_same_policy(tiny, ignore_eos):
+    module = make_module(tiny, advantage="sequence", lora_dropout=0.1)  # eval mode must switch dropout off
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a LoRA that moves the policy (a fresh one is the base model: B = 0)
+        for name, p in module.policy.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    data = make_data(tiny)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    batch = {k: v[:8] for k, v in batch.items()}
+    torch.manual_seed(0)
+    ro = module.rollout(batch, greedy=False, lengths=[8, 3, 5, 8, 1, 7, 8, 2], ignore_eos=ignore_eos,
+                        with_logprobs=True)
+    module.policy.eval()
+    with torch.no_grad():
+        forward = response_forward(module.policy, None, ro)["logprobs"]
+    mask = ro.response_mask.bool()
+    assert ro.logprobs.shape == forward.shape and mask.any()
+    torch.testing.assert_close(ro.logprobs[mask], forward[mask], rtol=0, atol=2e-5)
+    assert torch.all(ro.logprobs[~mask] == 0)
+
+
+def test_critic_free_iterations_skip_the_old_logprob_forward(tiny, tmp_path, monkeypatch):
+    """GAE needs the value head's pass; the critic-free estimators take the old log-probs from sampling."""
+    from rs_lightning.tasks.text import training
+
+    calls = []
+    real = training.response_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "response_forward", counted)
+    counts = {}
+    for advantage in ("gae", "sequence"):
+        calls.clear()
+        L.seed_everything(0)
+        make_trainer(tmp_path / advantage, iterations=1).fit(make_module(tiny, advantage=advantage),
+                                                             make_data(tiny))
+        counts[advantage] = len(calls)
+    # batch 16, mini-batches of 8, 2 PPO epochs: 4 optimisation passes; + reference; + old (GAE only).
+    assert counts == {"gae": 6, "sequence": 5}

@@ -202,8 +202,10 @@ class TextPPOModule(PPOIteration, L.LightningModule):
 
     # -- rollouts and rewards (training: training.py) --------------------------------------------------------
 
-    def rollout(self, batch: dict[str, Any], *, greedy: bool, lengths: list[int], ignore_eos: bool) -> Rollout:
-        """Responses of the current policy (eval mode) to a batch of left-padded queries; see `rollout.generate`."""
+    def rollout(self, batch: dict[str, Any], *, greedy: bool, lengths: list[int], ignore_eos: bool,
+                with_logprobs: bool = False) -> Rollout:
+        """Responses of the current policy (eval mode) to a batch of left-padded queries; see `rollout.generate`
+        (`with_logprobs`: the sampling pass's own log-probs of the response tokens)."""
         hp = self.hparams
         was_training = self.policy.training
         self.policy.eval()  # no dropout while sampling and scoring the behaviour policy
@@ -212,6 +214,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
                 return generate(
                     self.policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], lengths, greedy=greedy,
                     top_k=hp.top_k, top_p=hp.top_p, temperature=hp.temperature, ignore_eos=ignore_eos,
+                    with_logprobs=with_logprobs,
                 )
         finally:
             self.policy.train(was_training)

@@ -20,13 +20,15 @@ from rs_lightning.rl import entropy_from_logits, logprobs_from_logits
 
 @dataclass
 class Rollout:
-    """One batch of sampled responses. Shapes: queries [B, Tq], responses [B, Tr]."""
+    """One batch of sampled responses. Shapes: queries [B, Tq], responses [B, Tr]; `logprobs` [B, Tr]: the
+    sampling policy's log-probabilities of the response tokens, from the generation's own logits (when asked)."""
 
     query_ids: Tensor
     query_mask: Tensor
     response_ids: Tensor
     response_mask: Tensor
     texts: list[str]
+    logprobs: Tensor | None = None
 
 
 def repeat_rows(batch: dict[str, Any], k: int) -> dict[str, Any]:
@@ -51,10 +53,12 @@ def sample_lengths(low: int, high: int, n: int, generator: torch.Generator) -> l
 
 
 def generation_config(tokenizer, max_new_tokens: int, *, greedy: bool, top_k: int, top_p: float,
-                      temperature: float, ignore_eos: bool):
+                      temperature: float, ignore_eos: bool, with_logits: bool = False):
     from transformers import GenerationConfig
 
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if with_logits:  # the raw (unprocessed) next-token logits of every step, before temperature/top-k/top-p
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
     # An empty EOS list makes generate run to max_new_tokens (the paper's eos_token_id=-1, without the
     # warning); None would fall back to the model's own EOS.
     kwargs["eos_token_id"] = [] if ignore_eos else tokenizer.eos_token_id
@@ -66,12 +70,24 @@ def generation_config(tokenizer, max_new_tokens: int, *, greedy: bool, top_k: in
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, query_ids: Tensor, query_mask: Tensor, lengths: list[int], *,
              greedy: bool = False, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-             ignore_eos: bool = True) -> Rollout:
-    """Sample (or decode greedily) up to max(lengths) tokens; response i keeps its first lengths[i] tokens."""
+             ignore_eos: bool = True, with_logprobs: bool = False) -> Rollout:
+    """Sample (or decode greedily) up to max(lengths) tokens; response i keeps its first lengths[i] tokens.
+
+    `with_logprobs`: also return log p(token) of every response token under the model as it sampled them (raw
+    logits, no temperature: what `response_forward` computes with one more forward pass). The same weights in
+    the same mode, so PPO's "old" log-probs need no second pass; they agree with that pass to float rounding
+    (the KV-cached steps sum in another order). TRL's PPO and RLOO trainers take them from generation too."""
     config = generation_config(tokenizer, max(lengths), greedy=greedy, top_k=top_k, top_p=top_p,
-                               temperature=temperature, ignore_eos=ignore_eos)
+                               temperature=temperature, ignore_eos=ignore_eos, with_logits=with_logprobs)
     out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    return _as_rollout(out[:, query_ids.shape[1]:], query_ids, query_mask, lengths, tokenizer, ignore_eos)
+    sequences = out.sequences if with_logprobs else out
+    response = sequences[:, query_ids.shape[1]:]
+    ro = _as_rollout(response, query_ids, query_mask, lengths, tokenizer, ignore_eos)
+    if with_logprobs:
+        logits = torch.stack(out.logits, dim=1)[:, : response.shape[1]].float()
+        # Padding after an EOS holds the pad id, whose log-prob may be anything: zero it, as masks are used.
+        ro.logprobs = torch.where(ro.response_mask.bool(), logprobs_from_logits(logits, response), 0.0)
+    return ro
 
 
 def _as_rollout(response: Tensor, query_ids: Tensor, query_mask: Tensor, lengths: list[int], tokenizer,

@@ -53,7 +53,11 @@ class PPOIteration:
             batch, lengths = repeat_rows(batch, k), [length for length in lengths for _ in range(k)]
         n = len(batch["prompts"])  # responses in this iteration
         clock = PhaseClock()
-        ro = self.rollout(batch, greedy=False, lengths=lengths, ignore_eos=hp.ignore_eos)
+        # Critic-free estimators need no values: the old log-probs come from the sampling pass itself (same
+        # weights, same eval mode), which saves one full forward of the batch. GAE still needs the value head's
+        # pass over the hidden states, and takes the log-probs from it.
+        from_sampling = self.value_head is None
+        ro = self.rollout(batch, greedy=False, lengths=lengths, ignore_eos=hp.ignore_eos, with_logprobs=from_sampling)
         clock.lap("generate")
         components = self.score(batch, ro.texts)
         scores = self.objective.combine(components, update_stats=True).to(self.device)
@@ -61,7 +65,7 @@ class PPOIteration:
         mask = ro.response_mask
         with torch.no_grad():
             self.policy.eval()
-            old = response_forward(self.policy, self.value_head, ro)
+            old = {"logprobs": ro.logprobs} if from_sampling else response_forward(self.policy, self.value_head, ro)
             with pol.reference_policy(self.policy, hp.kl_reference):
                 ref_logprobs = response_forward(self.policy, None, ro)["logprobs"]
             self.policy.train()
