@@ -69,7 +69,8 @@ def _smollm2(tmp_path):
                                                                  RelevanceReward(name="relevance")],
                            reward_weights=[1.0, 0.0], lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=5e-4,
                            ppo_epochs=1, mini_batch_size=4, init_kl_coef=0.1, adaptive_kl=False, max_grad_norm=1.0,
-                           response_length=(24, 24), ignore_eos=False, reward_includes_prefix=False)
+                           response_length=(24, 24), ignore_eos=False, reward_includes_prefix=False,
+                           advantage=os.environ.get("RS_BENCH_PPO_ADVANTAGE", "sequence"))
     data = PromptDataModule(source="drug_reviews", tokenizer=OFFLINE_DEFAULT_MODEL, template="chat",
                             prefix_tokens=(3, 6), num_val=0, num_test=8, batch_size=BATCH)
     return module, data
