@@ -27,6 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on now, or None (port 0: the system picks a free one)."""
+    import socket
+
+    if port == 0:
+        return None
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from rs_lightning.commands.messages import fail
 
@@ -44,11 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     from rs_lightning.serve.session import SoupSession
     from rs_lightning.soup import SoupError
 
+    busy = _port_in_use(args.host, args.port)  # before the slow load, not after it
+    if busy:
+        return fail(PROG, f"cannot listen on {args.host}:{args.port}: {busy} (pick another --port, or 0 for any)")
     try:
         session = SoupSession.open(args.run_dir, examples=args.examples,
                                    progress=lambda text: print(f"{PROG}: {text}", file=sys.stderr))
     except SoupError as err:  # FrontError included
         return fail(PROG, err)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # the task failed to build or to decode
+        return fail(PROG, f"{args.run_dir}: the run's task could not be prepared: {type(err).__name__}: {err}", 1)
     app = create_app(session)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)

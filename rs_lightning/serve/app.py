@@ -20,6 +20,7 @@ handlers in its thread pool, so a slow soup does not block the event loop.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import math
@@ -150,7 +151,8 @@ def create_app(session: SoupSession):
                                                  zip(session.run.info["experts"], session.expert_paths)]}
         with download_lock, tempfile.TemporaryDirectory(prefix="rs-serve-") as tmp:
             out = Path(tmp) / "soup"  # `rs soup` writes a folder
-            code = write_soup(info, ws, out)
+            with contextlib.redirect_stdout(io.StringIO()):  # its "wrote <tmp folder>" line is noise here
+                code = write_soup(info, ws, out)
             if code != 0:
                 raise HTTPException(status_code=500, detail=f"rs soup exited with {code} (see the server's log)")
             files = sorted(f for f in out.rglob("*") if f.is_file())

@@ -79,10 +79,11 @@ def _read_config(run_dir: Path) -> dict:
 class SoupSession:
     """The served run: the module, the experts' state dicts, the fixed examples, and the soup lock."""
 
-    def __init__(self, run_dir: Path, run, config: dict, module, datamodule, experts: list, expert_paths: list[str],
-                 expert_names: list[str], batch, views: list[dict], seed: int | None, adapters: bool):
+    def __init__(self, run_dir: Path, run, config: dict, module, datamodule, trainer, experts: list,
+                 expert_paths: list[str], expert_names: list[str], batch, views: list[dict], seed: int | None,
+                 adapters: bool):
         self.run_dir, self.run, self.config = run_dir, run, config
-        self.module, self.datamodule = module, datamodule
+        self.module, self.datamodule, self.trainer = module, datamodule, trainer
         self.experts, self.expert_paths, self.expert_names = experts, expert_paths, expert_names
         self.batch, self.views, self.seed, self.adapters = batch, views, seed, adapters
         self.lock = threading.Lock()
@@ -131,8 +132,8 @@ class SoupSession:
             check_finite(loaded)  # once: every soup then runs with allow_nonfinite=True
         say("preparing the examples")
         batch, views = _examples(module, datamodule, trainer, examples)
-        session = cls(run_dir, run, config, module, datamodule, [sd for _, sd in loaded], paths, names, batch, views,
-                      config.get("seed_everything"), any(is_peft_adapter_dir(p) for p in paths))
+        session = cls(run_dir, run, config, module, datamodule, trainer, [sd for _, sd in loaded], paths, names, batch,
+                      views, config.get("seed_everything"), any(is_peft_adapter_dir(p) for p in paths))
         for i in range(len(paths)):
             say(f"decoding the examples with expert {names[i]}")
             session.expert_results.append(session.soup([1.0 if j == i else 0.0 for j in range(len(paths))]))
@@ -150,7 +151,13 @@ class SoupSession:
         for i, w in enumerate(weights):
             if isinstance(w, bool) or not isinstance(w, (int, float)):
                 raise SoupError(f"weight {i} is {w!r}, not a number")
-            values.append(float(w))
+            try:
+                values.append(float(w))
+            except OverflowError as err:
+                raise SoupError(f"weight {i} is {w}: too large for a float") from err
+        for i, w in enumerate(values):
+            if w < 0:  # validate_weights would suggest allow_extrapolation, which rs serve does not offer
+                raise SoupError(f"weight {i} is {w}: rs serve soups on the simplex (every weight >= 0, sum 1)")
         return validate_weights(values, len(self.experts))
 
     def soup(self, weights: Sequence) -> SoupResult:
@@ -169,7 +176,9 @@ class SoupSession:
                 from lightning.pytorch import seed_everything
 
                 seed_everything(self.seed, verbose=False)
-            outputs, rewards = self.module.serve_step(self.batch)
+            # The sweep's precision (e.g. bf16-mixed) for the examples' forward passes, as trainer.test ran them.
+            with self.trainer.precision_plugin.forward_context():
+                outputs, rewards = self.module.serve_step(self.batch)
             done = time.perf_counter()
         return SoupResult(ws, list(outputs), {k: [float(x) for x in v] for k, v in rewards.items()},
                           {"merge": merged - start, "decode": done - merged})
@@ -244,8 +253,17 @@ def _build_task(config: dict, run_dir: Path):
     except (ValueError, TypeError, ImportError, OSError) as err:
         raise FrontError(f"{run_dir}/config.yaml: {build_failure(err, cfg)}") from err
     # One test batch at open: Lightning runs the task's setup with its datamodule (vocabulary, corpus statistics)
-    # exactly as the sweep did; every later soup calls the module's serve_step directly.
-    trainer = quiet_trainer(limit_test_batches=1)
+    # exactly as the sweep did; every later soup calls the module's serve_step directly. The sweep's trainer
+    # settings (accelerator, precision) on one device: a server is one process.
+    from rs_lightning.commands.front import plain_trainer
+    from rs_lightning.front.config import QUIET_TRAINER
+
+    kwargs = {**plain_trainer(objs.trainer), **QUIET_TRAINER, "devices": 1, "num_nodes": 1, "strategy": "auto",
+              "limit_test_batches": 1, "callbacks": None}
+    try:
+        trainer = quiet_trainer(**kwargs)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise FrontError(f"{run_dir}/config.yaml: the trainer section cannot build a Trainer here: {err}") from err
     return objs.model, objs.data, trainer
 
 
@@ -256,6 +274,10 @@ def _examples(module, datamodule, trainer, n: int):
         raise FrontError(f"{type(module).__name__} has no serve_step(batch): this task cannot be served")
     with quiet_lightning():
         trainer.test(module, datamodule=datamodule, verbose=False)
+    # trainer.test's teardown moves the module back to the CPU and restores train mode: serve on the sweep's
+    # device, in eval mode (no dropout in any task's serve_step).
+    module.to(trainer.strategy.root_device)
+    module.eval()
     loader = datamodule.test_dataloader()
     dataset = loader.dataset
     indices = list(range(min(n, len(dataset))))
