@@ -26,16 +26,19 @@ def quick_demo_front(root: Path) -> Path:
     return root / "captioning-quick" / "rep0" / "front"
 
 
-def random_experts_front(root: Path, points: int = 3) -> Path:
-    """A finished `rs front` run of two perturbed coca-tiny experts on 6 synthetic test images (greedy)."""
+def random_experts_front(root: Path, points: int = 3, names=("alpha", "beta")) -> Path:
+    """A finished `rs front` run of perturbed coca-tiny experts (one per name) on 6 synthetic test images
+    (greedy); 3 experts sweep the simplex lattice of `points - 1` steps."""
     from rs_lightning.commands import front
 
     root.mkdir(parents=True, exist_ok=True)
     experts = []
-    for seed, name in ((1, "alpha"), (2, "beta")):
-        path = root / f"{name}.safetensors"
+    for seed, name in enumerate(names, start=1):
+        path = root / f"expert{seed}.safetensors"
         save_weights(perturbed_coca(seed), path)
         experts.append({"path": str(path), "name": name})
+    grid = ({"kind": "sweep", "points": points, "low": 0.0, "high": 1.0} if len(names) == 2
+            else {"kind": "lattice", "m": points - 1})
     config = {
         "seed_everything": 0,
         "model": {"class_path": "rs_lightning.tasks.captioning.module.CaptioningModule",
@@ -45,8 +48,7 @@ def random_experts_front(root: Path, points: int = 3) -> Path:
                  "init_args": {"source": "synthetic", "model": "coca-tiny", "num_train": 32, "num_val": 4,
                                "num_test": 6, "eval_batch_size": 6, "seed": 0}},
         "trainer": {"accelerator": "cpu", "devices": 1},
-        "front": {"experts": experts, "grid": {"kind": "sweep", "points": points, "low": 0.0, "high": 1.0},
-                  "out_dir": str(root / "front"),
+        "front": {"experts": experts, "grid": grid, "out_dir": str(root / "front"),
                   "summary": {"rewards": ["bleu1", "rouge_l"], "preferences": [[0.5, 0.5]], "n_boot": 50}},
     }
     cfg = root / "front.yaml"

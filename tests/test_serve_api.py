@@ -57,6 +57,9 @@ def rand(random_session):
 
 
 def test_info_front_and_examples_describe_the_quick_demo_run(quick, quick_session):
+    # Served as the sweep evaluated: in eval mode (trainer.test's teardown restores train mode), on its device.
+    assert not quick_session.module.training
+    assert quick_session.module.device == quick_session.trainer.strategy.root_device
     info = quick.get("/api/info").json()
     assert info["experts"] == ["bleu1", "rouge_l"] and info["rewards"] == ["bleu1", "rouge_l"]
     assert info["download"] == "/api/soup.safetensors" and info["n_examples"] == 8
@@ -109,7 +112,8 @@ def test_served_soups_reproduce_the_sweeps_own_per_example_rewards(rand, random_
 @pytest.mark.parametrize("body, message", [
     ({"weights": [1.0]}, "got 1 weights for 2 sources"),
     ({"weights": [1.0, 0.0, 0.0]}, "got 3 weights for 2 sources"),
-    ({"weights": [-0.5, 1.5]}, "weight 0 is -0.5"),
+    ({"weights": [-0.5, 1.5]}, "weight 0 is -0.5: rs serve soups on the simplex"),
+    ({"weights": [10 ** 400, 0]}, "too large for a float"),
     ({"weights": [0.3, 0.8]}, "sum to 1.1"),
     ({"weights": ["a", 1.0]}, "weight 0 is 'a', not a number"),
     ({"weights": [True, False]}, "weight 0 is True, not a number"),
@@ -261,3 +265,33 @@ def test_a_text_run_shows_prompts_and_downloads_the_adapter_soup(tmp_path_factor
     assert soup.keys() == want.keys() and all(torch.equal(soup[k], want[k]) for k in want)
     wrong = client.get("/api/soup.safetensors", params={"weights": "0.25,0.75"})
     assert wrong.status_code == 404 and "LoRA adapters: download from /api/soup-adapter.zip" in wrong.json()["detail"]
+
+
+def test_three_experts_soup_on_the_simplex(tmp_path_factory):
+    session = SoupSession.open(random_experts_front(tmp_path_factory.mktemp("three"), points=3,
+                                                    names=("alpha", "beta", "gamma")), examples=6)
+    client = TestClient(create_app(session))
+    assert client.get("/api/info").json()["experts"] == ["alpha", "beta", "gamma"]
+    rows = {tuple(r["weights"]): r for r in load_run(session.run_dir).rows if r["kind"] in ("soup", "expert")}
+    uniform = next(w for w in rows if min(w) > 0.3)  # the uniform soup, as the grid wrote its weights
+    assert (0.5, 0.5, 0.0) in rows and uniform == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    for weights in [(0.5, 0.5, 0.0), uniform]:
+        body = client.post("/api/soup", json={"weights": list(weights)}).json()
+        assert body["rewards"] == rows[weights]["per_example"]
+    near = client.post("/api/soup", json={"weights": [0.3, 0.35, 0.35]}).json()["nearest"]
+    assert near["weights"] == list(uniform)
+    got = client.post("/api/soup", json={"weights": [0.5, 0.5]})
+    assert got.status_code == 422 and "got 2 weights for 3 sources" in got.json()["detail"]
+
+
+def test_cli_refuses_a_port_in_use_before_loading_anything(tmp_path, capsys):
+    import socket
+
+    from rs_lightning.commands.serve import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert main([str(tmp_path / "nowhere"), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -101,3 +101,34 @@ def test_moving_the_slider_shows_the_soup_the_api_returns(browser, tmp_path_fact
         "/api/soup.safetensors?weights=" + ",".join(str(w) for w in answer["weights"]))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_the_simplex_picker_soups_three_experts_and_names_are_text(browser, tmp_path_factory):
+    import httpx
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from rs_lightning.serve import SoupSession
+    from rs_lightning.serve.app import create_app
+
+    names = ("alpha", "<b>beta</b>", "gamma")  # a name is text on the page, never markup
+    run = random_experts_front(tmp_path_factory.mktemp("three"), points=3, names=names)
+    session = SoupSession.open(run, examples=6)
+    with running_server(create_app(session)) as url:
+        browser.get(url + "/")
+        _wait(browser, lambda d: d.find_element("id", "status").get_attribute("data-state") == "ready", "first soup")
+        assert _shown(browser, 6)["weights"] == pytest.approx([1 / 3] * 3)
+        headers = [th.text for th in browser.find_elements("css selector", "#examples th")]
+        assert "expert <b>beta</b>" in headers
+        svg = browser.find_element("id", "simplex")
+        # The triangle's vertices are (150, 15), (20, 240), (280, 240) in a 300 x 270 box: a click 40 px below the
+        # box's centre lies inside, nearer the two lower corners (gamma and beta) than the top one (alpha).
+        ActionChains(browser).move_to_element_with_offset(svg, 0, 40).click().perform()
+        _wait(browser, lambda d: d.find_element("id", "status").get_attribute("data-state") == "ready"
+              and _shown(d, 6)["weights"][0] < 0.3, "the soup of the clicked point")
+        shown = _shown(browser, 6)
+        answer = httpx.post(f"{url}/api/soup", json={"weights": shown["weights"]}, timeout=120).json()
+    weights = shown["weights"]
+    assert all(w >= 0 for w in weights) and sum(weights) == pytest.approx(1.0, abs=1e-9)
+    assert all(round(w * 100) == pytest.approx(w * 100, abs=1e-9) for w in weights)  # whole percents
+    assert weights[1] == pytest.approx(weights[2], abs=0.02)
+    assert shown["outputs"] == answer["outputs"]
