@@ -106,7 +106,7 @@ def test_kl_penalized_rewards_general_mask_and_empty_row():
 
 
 def test_gae_hand_computed_1x3():
-    adv, ret = gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.4, 0.3]]), torch.ones(1, 3), gamma=1.0, lam=0.95)
+    adv, ret = gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.4, 0.3]]), torch.ones(1, 3), gamma=1.0, gae_lambda=0.95)
     # A2 = 1 - 0.3; A1 = (0 + 0.3 - 0.4) + 0.95 A2; A0 = (0 + 0.4 - 0.5) + 0.95 A1
     close(adv, [[0.43675, 0.565, 0.7]])
     close(ret, [[0.93675, 0.965, 1.0]])
@@ -114,7 +114,7 @@ def test_gae_hand_computed_1x3():
 
 def test_gae_ragged_row_ignores_padding_junk():
     rewards, values = t([[0.0, 0.0, 1.0], [1.0, 2.0, 99.0]]), t([[0.5, 0.4, 0.3], [0.5, 1.0, 7.0]])
-    adv, ret = gae(rewards, values, torch.tensor([[1, 1, 1], [1, 1, 0]]), gamma=0.9, lam=0.5)
+    adv, ret = gae(rewards, values, torch.tensor([[1, 1, 1], [1, 1, 0]]), gamma=0.9, gae_lambda=0.5)
     # row 1: A1 = 2 + 0.9 * 0 - 1 = 1; A0 = (1 + 0.9 * 1 - 0.5) + 0.45 * A1 = 1.85
     close(adv[1], [1.85, 1.0, 0.0])
     close(ret[1], [2.35, 2.0, 0.0])
@@ -142,7 +142,7 @@ def test_gae_matches_python_loop_on_awkward_sizes(seed):
     lengths[0] = T  # one full row, one ragged at least
     mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
     gamma, lam = rng.choice([1.0, 0.99]), rng.choice([0.95, 0.5, 1.0])
-    adv, ret = gae(t(rewards), t(values), mask, gamma=gamma, lam=lam)
+    adv, ret = gae(t(rewards), t(values), mask, gamma=gamma, gae_lambda=lam)
     ref_adv, ref_ret = _gae_reference(rewards, values, lengths, gamma, lam)
     close(adv, ref_adv)
     close(ret, ref_ret)

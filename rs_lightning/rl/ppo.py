@@ -2,7 +2,7 @@
 
 This is the PPO of TRL 0.4 (the version the paper used: its public code, github.com/alexrame/rewardedsoups,
 llama/) with its
-defaults: gamma=1, lam=0.95, clip ranges 0.2 for the policy and the value, vf_coef=0.1, whitened
+defaults: gamma=1, GAE lambda 0.95, clip ranges 0.2 for the policy and the value, vf_coef=0.1, whitened
 advantages. Every [B, T] tensor holds response tokens only, padded on the right, with a mask (1 on real
 tokens). Nothing here knows about Lightning or transformers: a task module computes the tensors and calls
 these functions.
@@ -98,11 +98,12 @@ def kl_penalized_rewards(
 
 
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+    gae_lambda: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016), computed backwards as in TRL.
 
-    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with V and r zeroed outside
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * gae_lambda * A_{t+1}, with V and r zeroed outside
     the mask, so the value after the last real token is 0 (the episode ends with the response).
 
     Args:
@@ -110,7 +111,7 @@ def gae(
         values: [B, T] value-head predictions at rollout time (pass detached tensors).
         mask: [B, T], 1 on real tokens; expected to be a prefix per row (right padding).
         gamma: discount (paper/TRL: 1.0).
-        lam: GAE lambda (paper/TRL: 0.95).
+        gae_lambda: GAE lambda (paper/TRL: 0.95; not `lam`, which in this project is only a soup weight).
 
     Returns:
         (advantages [B, T], returns [B, T]) with returns = advantages + values, both zero outside the mask.
@@ -125,7 +126,7 @@ def gae(
     for t in reversed(range(T)):
         next_values = values[:, t + 1] if t < T - 1 else torch.zeros_like(values[:, 0])
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
+        last_gae = delta + gamma * gae_lambda * last_gae
         reversed_adv.append(last_gae)
     advantages = torch.stack(reversed_adv[::-1], dim=1) * m
     return advantages, advantages + values

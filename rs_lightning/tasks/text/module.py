@@ -63,8 +63,8 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         lr: Adam learning rate (paper 1.41e-5).
         ppo_epochs, mini_batch_size: passes over each batch and their mini-batch size (paper 4, 4).
         init_kl_coef, adaptive_kl, kl_target, kl_horizon: KL penalty (paper 0.2 (0.05 summaries), on, 6, 10000).
-        gamma, lam: GAE (1, 0.95). cliprange, cliprange_value, vf_coef: PPO (0.2, 0.2, 0.1); the value ones only
-            for GAE.
+        gamma, gae_lambda: GAE (1, 0.95; `lam` is only ever the soup weight). cliprange, cliprange_value, vf_coef:
+            PPO (0.2, 0.2, 0.1); the value ones only for GAE.
         max_grad_norm: gradient clipping (None: off, as TRL 0.4).
         whiten: "minibatch" (TRL 0.4, the paper) or "batch": where GAE advantages are whitened.
         advantage: "gae" (the paper: GAE with a learned value head), or critic-free (no value head, one advantage
@@ -108,7 +108,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         kl_target: float = 6.0,
         kl_horizon: int = 10000,
         gamma: float = 1.0,
-        lam: float = 0.95,
+        gae_lambda: float = 0.95,
         cliprange: float = 0.2,
         cliprange_value: float = 0.2,
         vf_coef: float = 0.1,

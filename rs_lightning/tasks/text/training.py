@@ -91,7 +91,7 @@ class PPOIteration:
         if hp.advantage == "rloo":
             return rl.rloo_advantages(scores, seq_kl, mask, beta, hp.rloo_k), None
         rewards, _ = rl.kl_penalized_rewards(scores, old["logprobs"], ref_logprobs, mask, beta)
-        advantages, returns = rl.gae(rewards, old["values"], mask, gamma=hp.gamma, lam=hp.lam)
+        advantages, returns = rl.gae(rewards, old["values"], mask, gamma=hp.gamma, gae_lambda=hp.gae_lambda)
         if hp.whiten == "batch":
             advantages = rl.masked_whiten(advantages, mask)
         return advantages, returns
