@@ -4,6 +4,7 @@
     rs demo --replicates 3       # three independent replicates (own init, experts, MORL and sweep each)
     rs demo --task text          # SmolLM2 + LoRA, VADER positivity vs MiniLM relevance
     rs demo --quick              # the same pipeline on tiny models, in about a minute
+    rs demo --rewards bleu1 bleu4 rouge_l meteor cider_d   # captioning over the paper's five metrics (a spider plot)
 Stages run concurrently in processes of their own (--workers); a second run reuses the finished stages.
 
 Every argument and the output folder are checked before anything is planned or trained; the demo folder is
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="stages run at once (default: CPU cores // threads)")
     p.add_argument("--quick", action="store_true", help="tiny models and a few iterations: checks the pipeline")
+    p.add_argument("--rewards", nargs="+", default=None, metavar="METRIC",
+                   help="captioning only: 2 to 5 of bleu1 bleu4 rouge_l meteor cider_d, one expert each (default: "
+                        "bleu1 rouge_l). With 3 or more the sweep takes each expert, each pair's midpoint and the "
+                        "uniform soup, and the report a spider plot; outputs go to <out>/captioning-<metrics>")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate every stage")
     return p
 
@@ -70,7 +75,20 @@ def check_args(p: argparse.ArgumentParser, args) -> Path:
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name} must be >= {low}, got {value}")
-    return check_run_folder(Path(args.out) / (f"{args.task}-quick" if args.quick else args.task), "--out")
+    folder = args.task
+    if args.rewards is not None:
+        from rs_lightning.demo.captioning import PAPER_METRICS, REWARDS
+
+        if args.task != "captioning":
+            p.error("--rewards is for --task captioning (the text family's two rewards are fixed for now)")
+        unknown = [r for r in args.rewards if r not in PAPER_METRICS]
+        if unknown:
+            p.error(f"--rewards: unknown metric {unknown[0]!r} (choose from {' '.join(PAPER_METRICS)})")
+        if len(set(args.rewards)) != len(args.rewards) or not 2 <= len(args.rewards) <= 5:
+            p.error(f"--rewards needs 2 to 5 distinct metrics, got {' '.join(args.rewards)}")
+        if args.rewards != REWARDS:
+            folder = "captioning-" + "-".join(args.rewards)
+    return check_run_folder(Path(args.out) / (f"{folder}-quick" if args.quick else folder), "--out")
 
 
 def main(argv: list[str]) -> int:
@@ -104,8 +122,10 @@ def _run(args, out: Path) -> int:
     from rs_lightning.demo.report import build_report, format_markdown, format_report
     from rs_lightning.demo.runner import StageFailed, default_workers, run_stages
 
+    rewards = list(args.rewards or family.REWARDS)
+    extra = {"rewards": rewards} if args.task == "captioning" else {}
     stages = family.plan(out, replicates=args.replicates, seed=args.seed, profile=profile,
-                         iterations=args.iterations, points=args.points)
+                         iterations=args.iterations, points=args.points, **extra)
     if args.force:
         for s in stages:
             if s.kind == "front":
@@ -120,10 +140,10 @@ def _run(args, out: Path) -> int:
     except StageFailed as err:
         print(f"rs demo: {err}", file=sys.stderr)
         return 1
-    report = build_report(out, family.REWARDS, args.replicates)
+    report = build_report(out, rewards, args.replicates)
     report["wall_minutes_this_run"] = round((time.perf_counter() - start) / 60, 2)
     report["settings"] = {"task": args.task, "profile": profile, "replicates": args.replicates, "seed": args.seed,
-                          "workers": workers, "threads": args.threads, "points": args.points}
+                          "workers": workers, "threads": args.threads, "points": args.points, "rewards": rewards}
     with atomic_file(out / "report.json") as f:
         json.dump(report, f, indent=2)
     with atomic_file(out / "report.md") as f:

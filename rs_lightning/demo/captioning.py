@@ -27,8 +27,12 @@ import yaml
 from rs_lightning.demo.pipeline import CONFIG_ROOT, PROGRESS_BAR, Stage, front_section, replicate_stages
 
 REWARDS = ["bleu1", "rouge_l"]
+# The paper's five captioning rewards (Ramé et al. 2023, Fig. 5): `rs demo --rewards` takes any 2 to 5 of them.
+PAPER_METRICS = ("bleu1", "bleu4", "rouge_l", "meteor", "cider_d")
 NADIR, IDEAL = [0.0, 0.0], [1.0, 1.0]  # both metrics live in [0, 1]
 PREFERENCES = [[0.8, 0.2], [0.5, 0.5], [0.2, 0.8]]
+# Normalisation range per metric: BLEU, ROUGE-L and METEOR live in [0, 1], CIDEr-D in [0, 10] (its x10 scale).
+METRIC_RANGE = {"cider_d": (0.0, 10.0)}
 # The sweep scores more images than the trainings validate on: the bootstrap interval of a margin shrinks as
 # 1/sqrt(images), and at 200 test images one replicate's ROUGE-L expert gain over its init (+0.033) was within
 # its interval [-0.003, +0.068] (the previous recipe: 2 SCST epochs). Greedy decoding of 600 + 150 images costs
@@ -39,6 +43,16 @@ PROFILES = {
     "quick": {"data.num_train": 64, "data.num_test": 16, "data.num_val": 8, "data.eval_batch_size": 16,
               "xe_epochs": 1, "scst_epochs": 1},
 }
+
+
+def preferences(rewards: list[str]) -> list[list[float]]:
+    """The preferences lam* is selected for: 0.8/0.5/0.2 for two rewards; else the uniform one and, per reward,
+    0.6 on it and the rest shared."""
+    n = len(rewards)
+    if n == 2:
+        return PREFERENCES
+    rest = round(0.4 / (n - 1), 6)
+    return [[1.0 / n] * n] + [[0.6 if j == i else rest for j in range(n)] for i in range(n)]
 
 
 def _load(name: str) -> dict:
@@ -54,7 +68,8 @@ def _apply(config: dict, settings: dict) -> dict:
     return config
 
 
-def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | None) -> dict:
+def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | None,
+         rewards: list[str] = REWARDS) -> dict:
     config = copy.deepcopy(config)
     config["seed_everything"] = seed
     if config["model"]["init_args"].get("stage") == "scst":
@@ -70,21 +85,24 @@ def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | Non
     trainer["enable_model_summary"] = False
     # Validation during training logs the demo's two rewards only: METEOR's default Java process took half a core
     # beside every training (measured: two JVMs at 25 % each next to two trainings on 2 cores).
-    config["model"]["init_args"]["eval_metrics"] = REWARDS
+    config["model"]["init_args"]["eval_metrics"] = list(rewards)
     if epochs is not None:
         trainer["max_epochs"] = epochs
     return config
 
 
 def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, morl: Path | None,
-           points: int, sweep_images: dict) -> dict:
+           points: int, sweep_images: dict, rewards: list[str] = REWARDS) -> dict:
     model = copy.deepcopy(base["model"])
     model["init_args"].pop("init_checkpoint", None)
     # The front scores exactly the demo's two rewards: the other caption metrics (METEOR runs a Java process)
     # would only cost time at every point. The training reward is unused at test time.
-    model["init_args"].update(rewards=["bleu1"], reward_weights=None, corpus_metrics=False, eval_metrics=REWARDS)
-    front = front_section(REWARDS, experts, out_dir, init=init, morl=morl, points=points, ideal=IDEAL,
-                          nadir=NADIR, preferences=PREFERENCES)
+    model["init_args"].update(rewards=["bleu1"], reward_weights=None, corpus_metrics=False,
+                              eval_metrics=list(rewards))
+    nadir = [METRIC_RANGE.get(r, (0.0, 1.0))[0] for r in rewards]
+    ideal = [METRIC_RANGE.get(r, (0.0, 1.0))[1] for r in rewards]
+    front = front_section(list(rewards), experts, out_dir, init=init, morl=morl, points=points, ideal=ideal,
+                          nadir=nadir, preferences=preferences(list(rewards)))
     data = copy.deepcopy(base["data"])
     data["init_args"].pop("shuffle_seed", None)  # evaluation reads no training order
     data["init_args"].update(sweep_images)
@@ -92,7 +110,8 @@ def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, mo
             "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
 
 
-def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: str = "init-xe"):
+def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: str = "init-xe",
+              rewards: list[str] = REWARDS):
     """(init stage, train, front) for one replicate folder `out` whose runs are seeded `seed`."""
     settings = PROFILES[profile]
     xe = _apply(_load("xe_init.yaml"), settings)
@@ -101,6 +120,7 @@ def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: 
     scst = _apply(_load("scst_morl_bleu1_rouge_l.yaml"), settings)
     scst["data"]["init_args"]["shuffle_seed"] = seed
     scst["model"]["init_args"]["eval_decoding"] = "greedy"  # see the module docstring
+    scst["model"]["init_args"]["rewards"] = list(rewards)  # mu (reward_weights) is set per run below
     scst_epochs = iterations or settings.get("scst_epochs")
     init_path = out / "init" / "model.safetensors"
     init = Stage(name, "init", init_path, _run(xe, out / "init", init_path, seed, settings.get("xe_epochs")),
@@ -109,25 +129,26 @@ def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: 
 
     def train(run_dir: Path, seed: int, mu: list[float]) -> tuple[dict, Path]:
         output = run_dir / "model.safetensors"
-        config = _run(scst, run_dir, output, seed, scst_epochs)
+        config = _run(scst, run_dir, output, seed, scst_epochs, rewards)
         config["model"]["init_args"]["reward_weights"] = mu
         return config, output
 
     def front(out_dir, experts, init_path, morl, n):
-        return _front(scst, out_dir, experts, init_path, morl, n, SWEEP_IMAGES[profile])
+        return _front(scst, out_dir, experts, init_path, morl, n, SWEEP_IMAGES[profile], rewards)
 
     return init, train, front
 
 
 def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "default", iterations: int | None = None,
-         points: int = 11) -> list[Stage]:
-    """The stages of the captioning demo under `out` (`iterations` = SCST epochs here); replicate r in out/rep<r>."""
+         points: int = 11, rewards: list[str] = REWARDS) -> list[Stage]:
+    """The stages of the captioning demo under `out` (`iterations` = SCST epochs here); replicate r in out/rep<r>.
+    `rewards`: 2 to 5 of PAPER_METRICS, one expert each (3 or more: the soups of a bounded simplex design)."""
     stages = []
     for r in range(replicates):
         rep = out / f"rep{r}"
-        init, train, front = _builders(rep, seed + r, profile, iterations, name=f"r{r}-init")
+        init, train, front = _builders(rep, seed + r, profile, iterations, name=f"r{r}-init", rewards=rewards)
         init.replicate = r
-        stages += replicate_stages(rep, r, seed + r, REWARDS, init, train, front, points)
+        stages += replicate_stages(rep, r, seed + r, list(rewards), init, train, front, points)
     return stages
 
 

@@ -1,4 +1,4 @@
-"""The demo's stage graph: per replicate, the init, one expert per reward, MORL at mu = 0.5, and the front sweep.
+"""The demo's stage graph: per replicate, the init, one expert per reward, MORL at uniform mu, and the front sweep.
 
 Each stage is a full LightningCLI (or `rs front`) config, written to `<out>/configs/<stage>.yaml` so any stage can
 be re-run by hand (`rs fit --config ...`), plus the names of the stages it needs. `runner.run_stages` runs the
@@ -59,12 +59,17 @@ class Stage:
 
 def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, init: Path | None, morl: Path | None,
                   points: int, ideal: list[float], nadir: list[float], preferences: list[list[float]]) -> dict:
-    """The `front:` section of an `rs front` config for two experts (and optionally init and MORL at 0.5).
+    """The `front:` section of an `rs front` config for N experts (and optionally init and MORL at uniform mu).
 
-    Validation rows are evaluated at every point (lam* is selected on them); test rows only report."""
+    Two experts: `points` values of lam. Three or more: `simplex_design(N)`, a design of bounded size (N + N(N-1)/2
+    + 1 points), not the whole lattice, whose size grows as m^(N-1). Validation rows are evaluated at every point
+    (lam* is selected on them); test rows only report."""
+    n_experts = len(experts)
+    grid = ({"kind": "sweep", "points": points, "include_uniform": points > 2} if n_experts == 2 else
+            {"kind": "explicit", "weights": simplex_design(n_experts)})
     front = {
         "experts": [{"path": str(p), "name": n} for p, n in zip(experts, rewards)],
-        "grid": {"kind": "sweep", "points": points, "include_uniform": points > 2},
+        "grid": grid,
         "out_dir": str(out_dir),
         "validate": True,
         "summary": {"rewards": rewards, "ideal": ideal, "nadir": nadir, "preferences": preferences},
@@ -72,8 +77,15 @@ def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, ini
     if init is not None:
         front["init"] = {"path": str(init), "name": "init"}
     if morl is not None:
-        front["morl"] = [{"path": str(morl), "mu": [0.5, 0.5], "name": "morl"}]
+        front["morl"] = [{"path": str(morl), "mu": [1.0 / n_experts] * n_experts, "name": "morl"}]
     return front
+
+
+def simplex_design(n: int) -> list[list[float]]:
+    """Soup weights for n >= 3 experts: each expert, each pair's midpoint, and the uniform soup."""
+    points = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]
+    points += [[0.5 if j in (a, b) else 0.0 for j in range(n)] for a in range(n) for b in range(a + 1, n)]
+    return points + [[1.0 / n] * n]
 
 
 def replicate_stages(out: Path, replicate: int, seed: int, rewards: list[str], init: Stage,

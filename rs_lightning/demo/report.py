@@ -45,6 +45,15 @@ def _interval(entry: dict | None) -> dict | None:
     return None if entry is None else {k: entry.get(k) for k in ("value", "low", "high")}
 
 
+def _uniform_soup(rows: dict, n: int) -> str | None:
+    """The name of the soup row whose weights are all 1/n, if the sweep has one."""
+    for name, row in rows.items():
+        weights = row.get("weights") or []
+        if row.get("kind") == "soup" and len(weights) == n and all(abs(w - 1.0 / n) < 1e-9 for w in weights):
+            return name
+    return None
+
+
 def replicate_figures(front_dir: Path, rewards: list[str]) -> dict:
     """One replicate's numbers from its sweep (summary.json with `uncertainty`, and the rows)."""
     summary = json.loads((front_dir / "summary.json").read_text())
@@ -52,8 +61,10 @@ def replicate_figures(front_dir: Path, rewards: list[str]) -> dict:
     unc = summary.get("uncertainty") or {}
     points = unc.get("points", {})
     policies = {}
-    for label, name in [("init", "init"), *[(f"expert {r}", r) for r in rewards], ("soup lam=0.5", "lam=0.5"),
-                        ("MORL mu=0.5", "morl")]:
+    # Two rewards: the lam = 0.5 soup and MORL at mu = 0.5; more: the uniform soup and MORL at uniform mu.
+    middle = ("soup lam=0.5", "lam=0.5") if len(rewards) == 2 else ("uniform soup", _uniform_soup(rows, len(rewards)))
+    morl = "MORL mu=0.5" if len(rewards) == 2 else "MORL uniform mu"
+    for label, name in [("init", "init"), *[(f"expert {r}", r) for r in rewards], middle, (morl, "morl")]:
         if name in rows:
             policies[label] = {r: {"value": rows[name]["rewards"].get(r), **(_interval(points.get(name, {}).get(r))
                                                                          or {})} for r in rewards}
@@ -150,7 +161,8 @@ def format_report(report: dict) -> str:
     comp = report["compute"]
     lines.append(f"compute: {comp['trainings']} trainings, {comp['training_cpu_minutes']:.1f} CPU min of training, "
                  f"{comp['all_stage_wall_minutes']:.1f} min of stage wall time (stages ran concurrently)")
-    lines.append("fronts: " + ", ".join(f"{k}/front.png" for k in report["outputs"].values()))
+    plot = "front.png" if len(report["rewards"]) == 2 else "radar.png"  # rs_lightning/front/plots.py plot_all
+    lines.append("fronts: " + ", ".join(f"{k}/{plot}" for k in report["outputs"].values()))
     return "\n".join(lines)
 
 
