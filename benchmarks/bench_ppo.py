@@ -12,7 +12,9 @@ in extra_info.
     only when its converted copy is already in the cache: the benchmark never converts the GGUF).
 
 Run: `pytest benchmarks/bench_ppo.py --benchmark-json=out.json`; RS_BENCH_PPO_ITERS (default 4) measured
-iterations after RS_BENCH_PPO_WARMUP (default 1).
+iterations after RS_BENCH_PPO_WARMUP (default 1); RS_BENCH_PPO_PRECISION a Lightning precision (default
+"32-true"; "bf16-mixed" autocasts to bf16), RS_BENCH_PPO_DTYPE the policy's weights dtype ("float32" or
+"bfloat16") for SmolLM2.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _smollm2(tmp_path):
                            reward_weights=[1.0, 0.0], lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=5e-4,
                            ppo_epochs=1, mini_batch_size=4, init_kl_coef=0.1, adaptive_kl=False, max_grad_norm=1.0,
                            response_length=(24, 24), ignore_eos=False, reward_includes_prefix=False,
-                           advantage=os.environ.get("RS_BENCH_PPO_ADVANTAGE", "sequence"))
+                           advantage=os.environ.get("RS_BENCH_PPO_ADVANTAGE", "sequence"),
+                           dtype=os.environ.get("RS_BENCH_PPO_DTYPE", "float32"))
     data = PromptDataModule(source="drug_reviews", tokenizer=OFFLINE_DEFAULT_MODEL, template="chat",
                             prefix_tokens=(3, 6), num_val=0, num_test=8, batch_size=BATCH)
     return module, data
@@ -87,6 +90,7 @@ def test_ppo_iteration_throughput(benchmark, machine, policy, tmp_path):
     module, data = POLICIES[policy](tmp_path)
     timer = PhaseTimes()
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=1, limit_train_batches=WARMUP + ITERS,
+                        precision=os.environ.get("RS_BENCH_PPO_PRECISION", "32-true"),
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                         callbacks=[timer])
@@ -100,6 +104,8 @@ def test_ppo_iteration_throughput(benchmark, machine, policy, tmp_path):
         "machine": machine,
         "policy": policy,
         "torch_threads": torch.get_num_threads(),
+        "precision": trainer.precision,
+        "dtype": str(next(module.policy.parameters()).dtype),
         "batch": BATCH,
         "measured_iterations": len(rows),
         "seconds_per_iteration": per_iteration,
