@@ -51,10 +51,13 @@ def test_the_plan_for_five_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--rewards", "bleu1"], "--rewards needs 2 to 5 distinct metrics, got bleu1"),
-    (["--rewards", "bleu1", "bleu1"], "--rewards needs 2 to 5 distinct metrics"),
-    (["--rewards", "bleu1", "spice"], "unknown metric 'spice' (choose from bleu1 bleu4 rouge_l meteor cider_d)"),
-    (["--task", "text", "--rewards", "bleu1", "rouge_l"], "--rewards is for --task captioning"),
+    (["--rewards", "bleu1"], "--rewards needs 2 to 5 distinct captioning rewards, got bleu1"),
+    (["--rewards", "bleu1", "bleu1"], "--rewards needs 2 to 5 distinct captioning rewards"),
+    (["--rewards", "bleu1", "spice"],
+     "unknown captioning reward 'spice' (choose from bleu1 bleu4 rouge_l meteor cider_d)"),
+    (["--task", "text", "--rewards", "bleu1", "rouge_l"],
+     "unknown text reward 'bleu1' (choose from vader relevance concise)"),
+    (["--task", "text", "--rewards", "vader"], "--rewards needs 2 to 3 distinct text rewards, got vader"),
 ])
 def test_bad_rewards_are_refused_before_anything_runs(argv, message, tmp_path, capsys):
     p = build_parser()
@@ -88,3 +91,28 @@ def test_the_report_names_the_uniform_soup_and_morl_for_three_rewards(tmp_path):
     figures = replicate_figures(tmp_path, names)
     assert list(figures["policies"]) == ["expert a", "expert b", "expert c", "uniform soup", "MORL uniform mu"]
     assert figures["policies"]["uniform soup"]["a"]["value"] == 0.4
+
+
+def test_the_text_plan_with_a_third_reward_that_pulls_against_the_others(tmp_path):
+    from rs_lightning.demo import text
+
+    three = ["vader", "relevance", "concise"]
+    stages = text.plan(tmp_path, replicates=1, rewards=three)
+    assert [s.kind for s in stages] == ["init", "expert", "expert", "expert", "morl", "front"]
+    for stage in stages[:-1]:
+        args = stage.config["model"]["init_args"]
+        assert [r["init_args"]["name"] for r in args["rewards"]] == three
+        assert len(args["reward_weights"]) == 3
+    concise = stages[0].config["model"]["init_args"]["rewards"][2]
+    assert concise["class_path"] == "rs_lightning.rewards.rules.LengthReward" and concise["init_args"]["target"] == 8
+    assert len(stages[-1].config["model"]["init_args"]["reward_weights"]) == 3  # the sweep's module builds too
+    front = stages[-1].config["front"]
+    assert front["grid"] == {"kind": "explicit", "weights": simplex_design(3)}
+    assert front["summary"]["nadir"] == [-1.0, 0.0, -2.0] and front["summary"]["ideal"] == [1.0, 1.0, 0.0]
+    # The default is the demo as it was: the two shipped rewards, the lam sweep.
+    two = text.plan(tmp_path, replicates=1)
+    assert [r["init_args"]["name"] for r in two[0].config["model"]["init_args"]["rewards"]] == ["vader", "relevance"]
+    assert two[-1].config["front"]["grid"]["kind"] == "sweep"
+    p = build_parser()
+    assert check_args(p, p.parse_args(["--out", str(tmp_path), "--task", "text", "--rewards", *three])).name == (
+        "text-vader-relevance-concise")

@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stages run at once (default: CPU cores // threads)")
     p.add_argument("--quick", action="store_true", help="tiny models and a few iterations: checks the pipeline")
     p.add_argument("--rewards", nargs="+", default=None, metavar="METRIC",
-                   help="captioning only: 2 to 5 of bleu1 bleu4 rouge_l meteor cider_d, one expert each (default: "
-                        "bleu1 rouge_l). With 3 or more the sweep takes each expert, each pair's midpoint and the "
-                        "uniform soup, and the report a spider plot; outputs go to <out>/captioning-<metrics>")
+                   help="one expert each: captioning 2 to 5 of bleu1 bleu4 rouge_l meteor cider_d (default bleu1 "
+                        "rouge_l); text 2 or 3 of vader relevance concise (default vader relevance). With 3 or more "
+                        "the sweep takes each expert, each pair's midpoint and the uniform soup, and the report a "
+                        "spider plot; outputs go to <out>/<task>-<rewards>")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate every stage")
     return p
 
@@ -77,17 +78,17 @@ def check_args(p: argparse.ArgumentParser, args) -> Path:
             p.error(f"--{name} must be >= {low}, got {value}")
     folder = args.task
     if args.rewards is not None:
-        from rs_lightning.demo.captioning import PAPER_METRICS, REWARDS
+        from rs_lightning.demo import captioning, text
 
-        if args.task != "captioning":
-            p.error("--rewards is for --task captioning (the text family's two rewards are fixed for now)")
-        unknown = [r for r in args.rewards if r not in PAPER_METRICS]
+        known, default = ((captioning.PAPER_METRICS, captioning.REWARDS) if args.task == "captioning" else
+                          (text.TEXT_METRICS, text.REWARDS))
+        unknown = [r for r in args.rewards if r not in known]
         if unknown:
-            p.error(f"--rewards: unknown metric {unknown[0]!r} (choose from {' '.join(PAPER_METRICS)})")
-        if len(set(args.rewards)) != len(args.rewards) or not 2 <= len(args.rewards) <= 5:
-            p.error(f"--rewards needs 2 to 5 distinct metrics, got {' '.join(args.rewards)}")
-        if args.rewards != REWARDS:
-            folder = "captioning-" + "-".join(args.rewards)
+            p.error(f"--rewards: unknown {args.task} reward {unknown[0]!r} (choose from {' '.join(known)})")
+        if len(set(args.rewards)) != len(args.rewards) or not 2 <= len(args.rewards) <= len(known):
+            p.error(f"--rewards needs 2 to {len(known)} distinct {args.task} rewards, got {' '.join(args.rewards)}")
+        if args.rewards != default:
+            folder = f"{args.task}-" + "-".join(args.rewards)
     return check_run_folder(Path(args.out) / (f"{folder}-quick" if args.quick else folder), "--out")
 
 
@@ -123,9 +124,8 @@ def _run(args, out: Path) -> int:
     from rs_lightning.demo.runner import StageFailed, default_workers, run_stages
 
     rewards = list(args.rewards or family.REWARDS)
-    extra = {"rewards": rewards} if args.task == "captioning" else {}
     stages = family.plan(out, replicates=args.replicates, seed=args.seed, profile=profile,
-                         iterations=args.iterations, points=args.points, **extra)
+                         iterations=args.iterations, points=args.points, rewards=rewards)
     if args.force:
         for s in stages:
             if s.kind == "front":

@@ -24,13 +24,19 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, PROGRESS_BAR, Stage, front_section, replicate_stages
+from rs_lightning.demo.pipeline import (
+    CONFIG_ROOT,
+    PROGRESS_BAR,
+    Stage,
+    default_preferences,
+    front_section,
+    replicate_stages,
+)
 
 REWARDS = ["bleu1", "rouge_l"]
 # The paper's five captioning rewards (Ramé et al. 2023, Fig. 5): `rs demo --rewards` takes any 2 to 5 of them.
 PAPER_METRICS = ("bleu1", "bleu4", "rouge_l", "meteor", "cider_d")
 NADIR, IDEAL = [0.0, 0.0], [1.0, 1.0]  # both metrics live in [0, 1]
-PREFERENCES = [[0.8, 0.2], [0.5, 0.5], [0.2, 0.8]]
 # Normalisation range per metric: BLEU, ROUGE-L and METEOR live in [0, 1], CIDEr-D in [0, 10] (its x10 scale).
 METRIC_RANGE = {"cider_d": (0.0, 10.0)}
 # The sweep scores more images than the trainings validate on: the bootstrap interval of a margin shrinks as
@@ -43,16 +49,6 @@ PROFILES = {
     "quick": {"data.num_train": 64, "data.num_test": 16, "data.num_val": 8, "data.eval_batch_size": 16,
               "xe_epochs": 1, "scst_epochs": 1},
 }
-
-
-def preferences(rewards: list[str]) -> list[list[float]]:
-    """The preferences lam* is selected for: 0.8/0.5/0.2 for two rewards; else the uniform one and, per reward,
-    0.6 on it and the rest shared."""
-    n = len(rewards)
-    if n == 2:
-        return PREFERENCES
-    rest = round(0.4 / (n - 1), 6)
-    return [[1.0 / n] * n] + [[0.6 if j == i else rest for j in range(n)] for i in range(n)]
 
 
 def _load(name: str) -> dict:
@@ -102,7 +98,7 @@ def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, mo
     nadir = [METRIC_RANGE.get(r, (0.0, 1.0))[0] for r in rewards]
     ideal = [METRIC_RANGE.get(r, (0.0, 1.0))[1] for r in rewards]
     front = front_section(list(rewards), experts, out_dir, init=init, morl=morl, points=points, ideal=ideal,
-                          nadir=nadir, preferences=preferences(list(rewards)))
+                          nadir=nadir, preferences=default_preferences(len(rewards)))
     data = copy.deepcopy(base["data"])
     data["init_args"].pop("shuffle_seed", None)  # evaluation reads no training order
     data["init_args"].update(sweep_images)

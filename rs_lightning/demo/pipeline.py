@@ -81,6 +81,15 @@ def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, ini
     return front
 
 
+def default_preferences(n: int) -> list[list[float]]:
+    """The preferences lam* is selected for: 0.8/0.5/0.2 for two rewards; else the uniform one and, per reward,
+    0.6 on it and the rest shared."""
+    if n == 2:
+        return [[0.8, 0.2], [0.5, 0.5], [0.2, 0.8]]
+    rest = round(0.4 / (n - 1), 6)
+    return [[1.0 / n] * n] + [[0.6 if j == i else rest for j in range(n)] for i in range(n)]
+
+
 def simplex_design(n: int) -> list[list[float]]:
     """Soup weights for n >= 3 experts: each expert, each pair's midpoint, and the uniform soup."""
     points = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]

@@ -17,13 +17,25 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import CONFIG_ROOT, PROGRESS_BAR, Stage, front_section, replicate_stages
+from rs_lightning.demo.pipeline import (
+    CONFIG_ROOT,
+    PROGRESS_BAR,
+    Stage,
+    default_preferences,
+    front_section,
+    replicate_stages,
+)
 
 BASE_CONFIG = CONFIG_ROOT / "text" / "review_vader.yaml"
 REWARDS = ["vader", "relevance"]
-# Fixed per-task normalisation for hypervolume: VADER compound in [-1, 1], cosine relevance in [0, 1].
-NADIR, IDEAL = [-1.0, 0.0], [1.0, 1.0]
-PREFERENCES = [[0.8, 0.2], [0.5, 0.5], [0.2, 0.8]]
+# `rs demo --task text --rewards` takes 2 or 3 of these. "concise" pulls against the other two: LengthReward with
+# target 8 words scores -|n - 8| / 8, so the fuller, review-like answers that positivity and relevance favour lose.
+TEXT_METRICS = ("vader", "relevance", "concise")
+EXTRA_REWARDS = {"concise": {"class_path": "rs_lightning.rewards.rules.LengthReward",
+                             "init_args": {"target": 8, "unit": "words", "name": "concise"}}}
+# Fixed per-task normalisation for hypervolume: VADER compound in [-1, 1], cosine relevance in [0, 1], conciseness
+# in [-2, 0] (24 new tokens are at most about 24 words: -(24 - 8) / 8).
+RANGES = {"vader": (-1.0, 1.0), "relevance": (0.0, 1.0), "concise": (-2.0, 0.0)}
 
 PROFILES = {
     "default": {},
@@ -35,8 +47,12 @@ PROFILES = {
 }
 
 
-def base_config(profile: str, iterations: int | None) -> dict:
+def base_config(profile: str, iterations: int | None, rewards: list[str] = REWARDS) -> dict:
     config = yaml.safe_load(BASE_CONFIG.read_text())
+    shipped = {spec["init_args"]["name"]: spec for spec in config["model"]["init_args"]["rewards"]}
+    config["model"]["init_args"]["rewards"] = [shipped.get(r) or copy.deepcopy(EXTRA_REWARDS[r]) for r in rewards]
+    # One weight per reward (each training sets its own mu; the sweep's module only needs a valid one).
+    config["model"]["init_args"]["reward_weights"] = [1.0] + [0.0] * (len(rewards) - 1)
     settings = dict(PROFILES[profile])
     its = iterations or settings.pop("iterations", None)
     settings.pop("iterations", None)
@@ -66,9 +82,10 @@ def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> di
 
 
 def front_config(base: dict, out_dir: Path, experts: list[Path], init: Path | None, morl: Path | None,
-                 points: int) -> dict:
-    front = front_section(REWARDS, experts, out_dir, init=init, morl=morl, points=points, ideal=IDEAL,
-                          nadir=NADIR, preferences=PREFERENCES)
+                 points: int, rewards: list[str] = REWARDS) -> dict:
+    front = front_section(list(rewards), experts, out_dir, init=init, morl=morl, points=points,
+                          ideal=[RANGES[r][1] for r in rewards], nadir=[RANGES[r][0] for r in rewards],
+                          preferences=default_preferences(len(rewards)))
     return {"seed_everything": 0, "model": copy.deepcopy(base["model"]), "data": copy.deepcopy(base["data"]),
             "trainer": {"accelerator": "cpu", "devices": 1}, "front": front}
 
@@ -85,14 +102,16 @@ def export_init(config_path: Path, target: Path) -> None:
 
 
 def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "default", iterations: int | None = None,
-         points: int = 11) -> list[Stage]:
-    """The stages of the text demo under `out`; replicate r in out/rep<r>."""
-    base = base_config(profile, iterations)
+         points: int = 11, rewards: list[str] = REWARDS) -> list[Stage]:
+    """The stages of the text demo under `out`; replicate r in out/rep<r>. `rewards`: 2 or 3 of TEXT_METRICS."""
+    rewards = list(rewards)
+    base = base_config(profile, iterations, rewards)
+    first = [1.0] + [0.0] * (len(rewards) - 1)
     stages = []
     for r in range(replicates):
         rep, s = out / f"rep{r}", seed + r
         init_dir = rep / "init" / "expert"
-        init = Stage(f"r{r}-init", "init", init_dir, training_config(base, rep / "init", s, [1.0, 0.0]),
+        init = Stage(f"r{r}-init", "init", init_dir, training_config(base, rep / "init", s, first),
                      seed=s, replicate=r, trains=False,
                      command=[sys.executable, "-m", "rs_lightning.demo.text", "export-init", str(init_dir)])
 
@@ -100,9 +119,9 @@ def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "defau
             return training_config(base, run_dir, seed, mu), run_dir / "expert"
 
         def front(out_dir, experts, init_path, morl, n):
-            return front_config(base, out_dir, experts, init_path, morl, n)
+            return front_config(base, out_dir, experts, init_path, morl, n, rewards)
 
-        stages += replicate_stages(rep, r, s, REWARDS, init, train, front, points)
+        stages += replicate_stages(rep, r, s, rewards, init, train, front, points)
     return stages
 
 
