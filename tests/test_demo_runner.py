@@ -123,3 +123,13 @@ def test_stages_that_unblock_most_start_first(tmp_path):
     kids = [stage(tmp_path, f"{k}{r}", needs=[f"x{r}"], seconds=0.05) for r in (0, 1) for k in "ab"]
     run_stages([x0, *kids[:2], x1, *kids[2:]], tmp_path, workers=1, log=lambda _: None)
     assert span(x1)[0] < min(span(kids[0])[0], span(kids[1])[0])
+
+
+def test_progress_is_the_stages_own_bar_not_a_model_loading_bar(tmp_path):
+    from rs_lightning.demo.runner import _progress
+
+    log = tmp_path / "stage.log"
+    log.write_bytes(b"Epoch 0:   0%|          | 0/15\rEpoch 0:  40%|####      | 6/15\n"
+                    b"Loading weights:   0%|    | 0/103\rLoading weights: 100%|####| 103/103 [00:00<00:00]\n")
+    assert _progress(log) == "40%"
+    assert _progress(tmp_path / "missing.log") == ""

@@ -50,13 +50,16 @@ def _minutes(seconds: float) -> str:
 
 
 def _progress(log: Path) -> str:
-    """The last tqdm percentage in a log (read from its tail), or '' when none was printed yet."""
+    """The last tqdm percentage of the stage's own bar in a log (read from its tail), or '' when none was printed
+    yet. transformers' "Loading weights" bars (a reference model loaded mid-training) are not the stage's progress."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, log.stat().st_size - 4096))
-            hits = _PERCENT.findall(f.read())
+            tail = f.read()
     except OSError:
         return ""
+    hits = [m for line in re.split(rb"[\r\n]", tail) if not line.lstrip().startswith(b"Loading")
+            for m in _PERCENT.findall(line)]
     return f"{int(hits[-1])}%" if hits else ""
 
 
