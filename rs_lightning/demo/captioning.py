@@ -36,7 +36,6 @@ from rs_lightning.demo.pipeline import (
 REWARDS = ["bleu1", "rouge_l"]
 # The paper's five captioning rewards (Ramé et al. 2023, Fig. 5): `rs demo --rewards` takes any 2 to 5 of them.
 PAPER_METRICS = ("bleu1", "bleu4", "rouge_l", "meteor", "cider_d")
-NADIR, IDEAL = [0.0, 0.0], [1.0, 1.0]  # both metrics live in [0, 1]
 # Normalisation range per metric: BLEU, ROUGE-L and METEOR live in [0, 1], CIDEr-D in [0, 10] (its x10 scale).
 METRIC_RANGE = {"cider_d": (0.0, 10.0)}
 # The sweep scores more images than the trainings validate on: the bootstrap interval of a margin shrinks as
