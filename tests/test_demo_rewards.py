@@ -10,7 +10,7 @@ import pytest
 
 from rs_lightning.commands.demo import build_parser, check_args
 from rs_lightning.demo import captioning
-from rs_lightning.demo.pipeline import simplex_design
+from rs_lightning.demo.pipeline import default_preferences, simplex_design
 from rs_lightning.demo.report import replicate_figures
 
 FIVE = ["bleu1", "bleu4", "rouge_l", "meteor", "cider_d"]
@@ -98,7 +98,17 @@ def test_the_text_plan_with_a_third_reward_that_pulls_against_the_others(tmp_pat
 
     three = ["vader", "relevance", "concise"]
     stages = text.plan(tmp_path, replicates=1, rewards=three)
-    assert [s.kind for s in stages] == ["init", "expert", "expert", "expert", "morl", "front"]
+    assert [s.kind for s in stages] == ["init", "expert", "expert", "expert", "morl", "morl", "morl", "morl", "front"]
+    # MORL at every preference lam* is selected for: one training each, each in its own folder, each in the sweep.
+    morl = [s for s in stages if s.kind == "morl"]
+    assert [s.mu for s in morl] == default_preferences(3)
+    assert [s.name for s in morl] == ["r0-morl", "r0-morl-0.6-0.2-0.2", "r0-morl-0.2-0.6-0.2", "r0-morl-0.2-0.2-0.6"]
+    assert len({s.output for s in morl}) == 4 and morl[0].output == tmp_path / "rep0" / "morl" / "expert"
+    assert [s.config["model"]["init_args"]["reward_weights"] for s in morl] == default_preferences(3)
+    assert stages[-1].config["front"]["morl"] == [
+        {"path": str(s.output), "mu": s.mu, "name": name}
+        for s, name in zip(morl, ["morl", "morl mu=0.6,0.2,0.2", "morl mu=0.2,0.6,0.2", "morl mu=0.2,0.2,0.6"])]
+    assert set(stages[-1].needs) == {s.name for s in stages[:-1]}
     for stage in stages[:-1]:
         args = stage.config["model"]["init_args"]
         assert [r["init_args"]["name"] for r in args["rewards"]] == three
@@ -113,6 +123,9 @@ def test_the_text_plan_with_a_third_reward_that_pulls_against_the_others(tmp_pat
     two = text.plan(tmp_path, replicates=1)
     assert [r["init_args"]["name"] for r in two[0].config["model"]["init_args"]["rewards"]] == ["vader", "relevance"]
     assert two[-1].config["front"]["grid"]["kind"] == "sweep"
+    assert [s.name for s in two if s.kind == "morl"] == ["r0-morl"]
+    assert two[-1].config["front"]["morl"] == [{"path": str(tmp_path / "rep0" / "morl" / "expert"), "mu": [0.5, 0.5],
+                                                "name": "morl"}]
     p = build_parser()
     assert check_args(p, p.parse_args(["--out", str(tmp_path), "--task", "text", "--rewards", *three])).name == (
         "text-vader-relevance-concise")

@@ -86,7 +86,7 @@ def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | Non
     return config
 
 
-def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, morl: Path | None,
+def _front(base: dict, out_dir: Path, experts: list[Path], init: Path | None, morl: list[tuple[list[float], Path]],
            points: int, sweep_images: dict, rewards: list[str] = REWARDS) -> dict:
     model = copy.deepcopy(base["model"])
     model["init_args"].pop("init_checkpoint", None)

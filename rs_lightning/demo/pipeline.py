@@ -57,9 +57,13 @@ class Stage:
         return [*base, "--config", str(config_path)]
 
 
-def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, init: Path | None, morl: Path | None,
-                  points: int, ideal: list[float], nadir: list[float], preferences: list[list[float]]) -> dict:
-    """The `front:` section of an `rs front` config for N experts (and optionally init and MORL at uniform mu).
+def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, init: Path | None,
+                  morl: Path | list[tuple[list[float], Path]] | None, points: int, ideal: list[float],
+                  nadir: list[float], preferences: list[list[float]]) -> dict:
+    """The `front:` section of an `rs front` config for N experts (and optionally init and MORL runs).
+
+    `morl`: one path (MORL at uniform mu) or (mu, path) pairs, one per preference; the run at uniform mu is named
+    "morl" (the report's baseline row), the others "morl mu=<mu>".
 
     Two experts: `points` values of lam. Three or more: `simplex_design(N)`, a design of bounded size (N + N(N-1)/2
     + 1 points), not the whole lattice, whose size grows as m^(N-1). Validation rows are evaluated at every point
@@ -76,9 +80,18 @@ def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, ini
     }
     if init is not None:
         front["init"] = {"path": str(init), "name": "init"}
-    if morl is not None:
-        front["morl"] = [{"path": str(morl), "mu": [1.0 / n_experts] * n_experts, "name": "morl"}]
+    if isinstance(morl, (str, Path)):
+        morl = [([1.0 / n_experts] * n_experts, Path(morl))]
+    if morl:
+        front["morl"] = [{"path": str(p), "mu": mu, "name": morl_name(mu)} for mu, p in morl]
     return front
+
+
+def morl_name(mu: list[float]) -> str:
+    """"morl" for uniform mu (the demo's baseline run), else "morl mu=0.6,0.2,0.2"."""
+    if all(abs(m - 1.0 / len(mu)) < 1e-9 for m in mu):
+        return "morl"
+    return "morl mu=" + ",".join(f"{m:g}" for m in mu)
 
 
 def default_preferences(n: int) -> list[list[float]]:
@@ -99,15 +112,17 @@ def simplex_design(n: int) -> list[list[float]]:
 
 def replicate_stages(out: Path, replicate: int, seed: int, rewards: list[str], init: Stage,
                      train: Callable[[Path, int, list[float]], tuple[dict, Path]],
-                     front: Callable[[Path, list[Path], Path | None, Path | None, int], dict],
-                     points: int) -> list[Stage]:
-    """One replicate's stages: `init`, an expert per reward, MORL at mu = 0.5 (all seeded `seed`), the sweep.
+                     front: Callable[[Path, list[Path], Path | None, list[tuple[list[float], Path]], int], dict],
+                     points: int, morl_preferences: list[list[float]] | None = None) -> list[Stage]:
+    """One replicate's stages: `init`, an expert per reward, MORL at each preference (default: uniform mu only;
+    all seeded `seed`), the sweep.
 
     Args:
         out: the replicate's folder.
         init: its init stage (named and seeded by the caller).
         train: (run folder, seed, mu) -> (LightningCLI config, the path of the exported expert).
-        front: (out folder, experts, init, morl, points) -> `rs front` config.
+        front: (out folder, experts, init, [(mu, morl path)], points) -> `rs front` config.
+        morl_preferences: the mu of each MORL training (one training each: MORL's cost grows with them).
     """
     prefix = f"r{replicate}"
     stages = [init]
@@ -118,9 +133,14 @@ def replicate_stages(out: Path, replicate: int, seed: int, rewards: list[str], i
         experts.append(output)
         stages.append(Stage(f"{prefix}-expert-{name}", "expert", output, config, [init.name], seed=seed, mu=mu,
                             replicate=replicate))
-    mu = [1.0 / len(rewards)] * len(rewards)
-    config, morl = train(out / "morl", seed, mu)
-    stages.append(Stage(f"{prefix}-morl", "morl", morl, config, [init.name], seed=seed, mu=mu, replicate=replicate))
+    morl = []
+    for mu in morl_preferences or [[1.0 / len(rewards)] * len(rewards)]:
+        # The uniform run keeps the plain name (and folder) that finished demos already hold.
+        tag = morl_name(mu).replace("morl mu=", "morl-").replace(",", "-")
+        config, output = train(out / tag.replace("-", "_"), seed, mu)
+        morl.append((mu, output))
+        stages.append(Stage(f"{prefix}-{tag}", "morl", output, config, [init.name], seed=seed, mu=mu,
+                            replicate=replicate))
     stages.append(Stage(f"{prefix}-front", "front", out / "front" / "summary.json",
                         front(out / "front", experts, init.output, morl, points),
                         [s.name for s in stages], seed=seed, replicate=replicate, trains=False))

@@ -3,7 +3,8 @@
 Stages of each replicate r (the offline review task of configs/text/review_*.yaml; seed = first seed + r):
   init        the replicate's theta_0: SmolLM2 with a fresh LoRA (lora_init_seed = seed), exported untrained
   expert x2   PPO on one reward each (mu one-hot)
-  morl        PPO on 0.5 vader + 0.5 relevance, the baseline one training per preference buys
+  morl        PPO on 0.5 vader + 0.5 relevance, the baseline one training per preference buys (3 rewards: MORL at
+              uniform mu and at 0.6 on each reward, 4 trainings)
   front       the soups of the two experts + init + MORL, in place, every reward, summary and front.png
 The "quick" profile swaps in the tiny random model and a few iterations: the same pipeline in a minute.
 `python -m rs_lightning.demo.text export-init TARGET --config CONFIG` is the init stage's command.
@@ -81,8 +82,8 @@ def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> di
     return config
 
 
-def front_config(base: dict, out_dir: Path, experts: list[Path], init: Path | None, morl: Path | None,
-                 points: int, rewards: list[str] = REWARDS) -> dict:
+def front_config(base: dict, out_dir: Path, experts: list[Path], init: Path | None,
+                 morl: list[tuple[list[float], Path]], points: int, rewards: list[str] = REWARDS) -> dict:
     front = front_section(list(rewards), experts, out_dir, init=init, morl=morl, points=points,
                           ideal=[RANGES[r][1] for r in rewards], nadir=[RANGES[r][0] for r in rewards],
                           preferences=default_preferences(len(rewards)))
@@ -121,7 +122,10 @@ def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "defau
         def front(out_dir, experts, init_path, morl, n):
             return front_config(base, out_dir, experts, init_path, morl, n, rewards)
 
-        stages += replicate_stages(rep, r, s, rewards, init, train, front, points)
+        # Three rewards: MORL at every preference lam* is selected for (the uniform one and 0.6 on each reward),
+        # so the soups' front meets a MORL front, not one point; two rewards: MORL at mu = 0.5 only.
+        morl = default_preferences(len(rewards)) if len(rewards) >= 3 else None
+        stages += replicate_stages(rep, r, s, rewards, init, train, front, points, morl_preferences=morl)
     return stages
 
 
