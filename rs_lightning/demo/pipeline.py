@@ -39,6 +39,7 @@ class Stage:
         replicate: which replicate it belongs to.
         trains: whether the stage is a training (counted in the compute spent).
         command: argv to run before `--config <path>` (default: `rs front` for kind "front", else `rs fit`).
+        resources: what a cluster launcher asks for (cpus, gpus, nodes, mem_gb, time_min); None: its defaults.
     """
 
     name: str
@@ -51,6 +52,7 @@ class Stage:
     replicate: int = 0
     trains: bool = True
     command: list[str] | None = None
+    resources: dict | None = None
 
     def argv(self, config_path: Path) -> list[str]:
         base = self.command or rs_command("front" if self.kind == "front" else "fit")

@@ -1,16 +1,20 @@
-"""Run a graph of demo stages concurrently, each in a process of its own, with one log file per stage.
+"""Run a graph of stages (of `rs demo` or `rs run PLAN`) concurrently, each a process of its own, one log each.
 
-    timings = run_stages(stages, out, workers=2, threads=1)
+    timings = run_stages(stages, out, workers=2, threads=1)                 # here, a process pool
+    timings = run_stages(stages, out, launcher=make_launcher("slurm", out))  # or on a cluster (plan/launchers.py)
 
 A stage is a command (`rs fit --config ...`, `rs front --config ...`) with the names of the stages it needs.
-Up to `workers` stages run at once, each a subprocess with `threads` OpenMP/torch threads, its output going to
-`<out>/logs/<stage>.log`. A stage whose output already exists is reused (outputs are written atomically, so a
-killed demo loses only the stages in flight, and the next run resumes with everything finished). A failed
-stage stops its dependants, never its independent siblings; the run then raises with the log paths.
+Up to `workers` stages run at once, each a process with `threads` OpenMP/torch threads (local launcher) or a job
+with the stage's resources (slurm, ray), its output going to `<out>/logs/<stage>.log`. A failed stage is started
+again up to `retries` times. Every change of a stage's state goes to `<out>/state.json` (`rs run --status`).
+A stage whose output already exists is reused (outputs are written atomically, so a killed run loses only the
+stages in flight, and the next run resumes with everything finished). A failed stage stops its dependants,
+never its independent siblings; the run then raises with the log paths.
 
 The console shows a line when a stage starts or ends and, every `status_every` seconds, one line per running
 stage with its progress (the last percentage its progress bar printed). Per-stage wall seconds and CPU seconds
-(the child's own user + system time, from `os.wait4`) go to `<out>/stages.json`, written by this process only.
+(the child's own user + system time, from `os.wait4`, local launcher only) go to `<out>/stages.json`, written by
+this process only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,50 +66,39 @@ def _progress(log: Path) -> str:
     return f"{int(hits[-1])}%" if hits else ""
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when the runner dies, even of SIGKILL, so a killed
-    demo leaves no orphan training behind (elsewhere this is a no-op)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class _Running:
-    def __init__(self, stage, proc: subprocess.Popen, log: Path, handle):
-        self.stage, self.proc, self.log, self.handle = stage, proc, log, handle
+    def __init__(self, stage, job, log: Path):
+        self.stage, self.job, self.log = stage, job, log
         self.start = time.perf_counter()
-
-    def reap(self) -> tuple[int, float] | None:
-        """(exit code, CPU seconds of the child) once it has exited, else None."""
-        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
-        if pid == 0:
-            return None
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
-        self.handle.close()
-        return self.proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int | None = None, threads: int = 1,
-               status_every: float = 30.0, log: Callable[[str], None] = print) -> dict:
+               status_every: float = 30.0, log: Callable[[str], None] = print, launcher=None,
+               retries: int = 0) -> dict:
     """Run every unfinished stage, respecting `stage.needs`; return {stage name: timing entry}.
 
     Args:
         stages: objects with `name`, `kind`, `output` (Path), `needs` (names), `argv(config_path)`,
-            `config` (dict written to `<out>/configs/<name>.yaml`), `trains`, `seed`, `mu`, `replicate`.
-        out: the demo folder (configs/, logs/ and stages.json go here).
+            `config` (dict written to `<out>/configs/<name>.yaml`), `trains`, `seed`, `mu`, `replicate`, and
+            optionally `resources` (read by cluster launchers).
+        out: the run folder (configs/, logs/, stages.json and state.json go here).
         force: rerun stages whose output exists.
-        workers: stages at once (default: cores // threads).
+        workers: stages at once (default: cores // threads for the local launcher, unbounded on a cluster).
         threads: OMP_NUM_THREADS of each stage's process.
         status_every: seconds between progress lines while stages run.
         log: where the console lines go.
+        launcher: where stages run (rs_lightning.plan.launchers; default: local child processes).
+        retries: how many times a failed stage is started again before it counts as failed (its earlier
+            logs are kept as `<stage>.log.<attempt>`).
 
     Raises:
         StageFailed: some stage exited non-zero or wrote no output (its dependants did not run).
         ValueError: duplicate names or a dependency on an unknown stage (before anything runs).
     """
     import yaml
+
+    from rs_lightning.plan.launchers import LocalLauncher, job_id
+    from rs_lightning.plan.state import RunState
 
     out = Path(out)
     names = [s.name for s in stages]
@@ -115,23 +107,30 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
     unknown = {d for s in stages for d in s.needs} - set(names)
     if unknown:
         raise ValueError(f"stages depend on unknown stages {sorted(unknown)}")
-    workers = workers or default_workers(threads)
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    launcher = launcher or LocalLauncher()
+    if workers is None:
+        workers = default_workers(threads) if launcher.parallel_limit else len(stages)
     # Start first what unblocks most: an init before another replicate's experts (R inits, not R x N trainings,
     # sit on the critical path).
     dependants = _dependant_counts(stages)
     timings = load_timings(out)
     done, failed, blocked = set(), {}, set()
+    attempts: dict[str, int] = {}
     pending = []
+    (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    state = RunState.begin(out, stages, launcher.name)
     for s in stages:
         if s.output.exists() and not force:
             log(f"  reused   {s.kind:<6} {s.name} (finished earlier: {s.output})")
             timings.setdefault(s.name, {"seconds": None})["reused"] = True
             done.add(s.name)
+            state.set(s.name, "done", reused=True)
         else:
             pending.append(s)
-    (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
     running: list[_Running] = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     last_status = time.perf_counter()
     total = len(stages)
@@ -145,40 +144,52 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
             for s in [s for s in pending if any(d in failed or d in blocked for d in s.needs)]:
                 pending.remove(s)
                 blocked.add(s.name)
+                state.set(s.name, "blocked", error="a stage it needs failed")
                 log(f"  skipped  {s.kind:<6} {s.name}: a stage it needs failed")
             ready = sorted((s for s in pending if all(d in done for d in s.needs)), key=lambda s: -dependants[s.name])
-            while ready and len(running) < workers:
+            batch = []
+            while ready and len(running) + len(batch) < workers:
                 s = ready.pop(0)
                 pending.remove(s)
                 config_path = out / "configs" / f"{s.name}.yaml"
                 with atomic_file(config_path) as f:
                     yaml.safe_dump(s.config, f, sort_keys=False)
                 log_path = out / LOG_DIR / f"{s.name}.log"
-                argv = s.argv(config_path)
-                handle = open(log_path, "wb")
-                handle.write(("$ " + " ".join(argv) + "\n").encode())
-                handle.flush()
-                proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-                running.append(_Running(s, proc, log_path, handle))
-                log(f"  started  {s.kind:<6} {s.name} (log: {log_path})")
+                attempts[s.name] = attempts.get(s.name, 0) + 1
+                if attempts[s.name] > 1 and log_path.exists():
+                    log_path.replace(log_path.with_name(f"{log_path.name}.{attempts[s.name] - 1}"))
+                batch.append((s, s.argv(config_path), env, log_path))
+            if batch:
+                for (s, _argv, _env, log_path), job in zip(batch, launcher.start_many(batch)):
+                    running.append(_Running(s, job, log_path))
+                    state.set(s.name, "running", attempt=attempts[s.name], log=str(log_path), job=job_id(job))
+                    log(f"  started  {s.kind:<6} {s.name} (log: {log_path}" +
+                        (f", {job_id(job)}" if launcher.name != "local" else "") + ")")
             time.sleep(0.2)
             for r in list(running):
-                result = r.reap()
+                result = launcher.poll(r.job)
                 if result is None:
                     continue
                 running.remove(r)
-                code, cpu = result
+                code, cpu, error = result
                 seconds = time.perf_counter() - r.start
                 s = r.stage
                 if code != 0 or not s.output.exists():
-                    why = f"exit code {code}" if code != 0 else f"no output {s.output}"
+                    why = error or (f"exit code {code}" if code != 0 else f"no output {s.output}")
+                    if attempts[s.name] <= retries:
+                        log(f"  retry    {s.kind:<6} {s.name} after {_minutes(seconds)}: {why} (attempt "
+                            f"{attempts[s.name]} of {retries + 1}; log kept as {r.log}.{attempts[s.name]})")
+                        state.set(s.name, "pending", error=f"attempt {attempts[s.name]}: {why}")
+                        pending.append(s)
+                        continue
                     failed[s.name] = f"{why}; log: {r.log}"
+                    state.set(s.name, "failed", error=why)
                     log(f"  FAILED   {s.kind:<6} {s.name} after {_minutes(seconds)}: {why}; see {r.log}")
                     continue
                 done.add(s.name)
-                timings[s.name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "reused": False,
-                                   "kind": s.kind, "trains": s.trains, "seed": s.seed, "mu": s.mu,
+                state.set(s.name, "done", seconds=round(seconds, 1))
+                timings[s.name] = {"seconds": round(seconds, 1), "cpu_seconds": None if cpu is None else round(cpu, 1),
+                                   "reused": False, "kind": s.kind, "trains": s.trains, "seed": s.seed, "mu": s.mu,
                                    "replicate": s.replicate}
                 save()
                 log(f"  finished {s.kind:<6} {s.name} in {_minutes(seconds)} ({len(done)}/{total} done)")
@@ -188,15 +199,13 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
                          for r in running]
                 log(f"  running: {'; '.join(parts)} ({len(done)}/{total} done)")
     except BaseException:
-        for r in running:  # a killed demo takes its stages with it; their outputs were never written
-            r.proc.terminate()
+        # A killed run takes its stages with it; their outputs were never written (they are atomic).
+        launcher.cancel([r.job for r in running])
         for r in running:
-            try:
-                r.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                r.proc.kill()
-            r.handle.close()
+            state.set(r.stage.name, "interrupted", error="the driver stopped while it ran")
         raise
+    finally:
+        state.finish()
     if failed:
         lines = "\n".join(f"  {name}: {why}" for name, why in failed.items())
         raise StageFailed(f"{len(failed)} stage(s) failed ({len(blocked)} not run because of them):\n{lines}")
