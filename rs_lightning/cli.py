@@ -1,7 +1,7 @@
 """The `rs` command: one entry point for the whole method.
 
 `rs fit|validate|test|predict` are LightningCLI subcommands (train experts and MORL baselines from YAML);
-`rs soup`, `rs front`, `rs demo`, `rs fisher`, `rs serve` and `rs list` are ours. Each of ours lives in
+`rs soup`, `rs front`, `rs demo`, `rs run`, `rs fisher`, `rs serve` and `rs list` are ours. Each of ours lives in
 `rs_lightning.commands.<name>` as a `main(argv) -> int` and is imported only when called, so `rs soup --help` does
 not pay for Lightning.
 """
@@ -17,6 +17,7 @@ OUR_SUBCOMMANDS = {
     "soup": "interpolate N checkpoints or LoRA adapters into one (weights aligned with the sources)",
     "front": "sweep soup weights, score every reward, Pareto set, hypervolume, plots",
     "demo": "run a whole rewarded-soups experiment on the embedded offline default",
+    "run": "run an experiment plan (configs/plans/) here, on SLURM (submitit) or on Ray",
     "fisher": "diagonal Fisher of an expert, for Fisher-weighted soups (--method fisher)",
     "serve": "explore a finished front in the browser, with live soups of its experts",
     "list": "list the shipped configs",
