@@ -122,4 +122,4 @@ def test_three_reward_config_draws_a_radar(tmp_path, monkeypatch):
     assert quadratic.main(["--config", str(CONFIGS / "quadratic3.yaml")]) == 0
     assert cli.main(["front", "--config", str(CONFIGS / "quadratic3.yaml"), "--no-progress"]) == 0
     summary = json.loads(Path("runs/front/quadratic3/summary.json").read_text())
-    assert summary["plots"] == ["radar.png"] and summary["n_points"] == 3 + 12 + 1 + 1 + 1
+    assert summary["plots"] == ["radar.png", "front_pairs.png"] and summary["n_points"] == 3 + 12 + 1 + 1 + 1

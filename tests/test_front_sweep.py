@@ -107,7 +107,8 @@ def test_three_experts_lattice_lmc_closed_form_and_radar(tmp_path):
     summary = write_outputs(tmp_path / "run", rows)
     for point in summary["lmc"]["points"]:
         assert point["gaps"] == pytest.approx(module.lmc_gap(point["weights"]), abs=1e-5)
-    assert summary["plots"] == ["radar.png"] and (tmp_path / "run" / "radar.png").stat().st_size > 0
+    assert summary["plots"] == ["radar.png", "front_pairs.png"] and (tmp_path / "run" / "radar.png").stat().st_size > 0
+    assert (tmp_path / "run" / "front_pairs.png").stat().st_size > 0
 
 
 def test_killed_sweep_resumes_without_recomputing(tmp_path, ckpts):

@@ -315,7 +315,7 @@ def test_plots_draw_the_intervals_as_error_bars(tmp_path, monkeypatch, k):
     monkeypatch.setattr(Axes, "errorbar", spy)
     rows, names = make_rows(k=k, n=30)
     summary = write_outputs(tmp_path, rows, SummarySettings(n_boot=100))
-    assert summary["plots"] == ["front.png" if k == 2 else "radar.png"]
+    assert summary["plots"] == (["front.png"] if k == 2 else ["radar.png", "front_pairs.png"])
     assert calls, "no error bars drawn"
     if k == 2:
         x, y, kw = next(c for c in calls if np.isclose(c[0], rows[0]["rewards"]["r1"]).any())

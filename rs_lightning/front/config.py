@@ -58,7 +58,8 @@ per-example rewards the task's test_step returns); trainer.validate runs too (fr
 and lam* is selected on those validation rows. Re-running the same command resumes (points on disk are
 skipped). Outputs beside it: summary.json (hypervolume of RS / experts / MORL / init with the normalisation
 and reference point, IGD+, spacing, LMC gaps, lam* per preference, paired-bootstrap intervals and verdicts),
-front.png (two rewards, with error bars) or radar.png (three or more), run.json, config.yaml.
+front.png (two rewards, with error bars) or radar.png and front_pairs.png (three or more: a spider plot and the
+front pair by pair), run.json, config.yaml.
 
 Other forms:
   rs front select --preference MU1 MU2 ... RUN_DIR [--split val|test] [--write-soup OUT]

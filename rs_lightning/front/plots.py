@@ -22,6 +22,7 @@ from rs_lightning.front.uncertainty import point_labels
 
 FRONT_PNG = "front.png"
 RADAR_PNG = "radar.png"
+PAIRS_PNG = "front_pairs.png"
 
 
 def _pyplot():
@@ -52,7 +53,7 @@ def plot_all(out_dir: Path, rows: Sequence[dict], summary: dict) -> list[Path]:
     if len(names) == 2:
         return [plot_front_2d(out_dir / FRONT_PNG, rows, summary)]
     if len(names) >= 3:
-        return [plot_radar(out_dir / RADAR_PNG, rows, summary)]
+        return [plot_radar(out_dir / RADAR_PNG, rows, summary), plot_front_pairs(out_dir / PAIRS_PNG, rows, summary)]
     return []
 
 
@@ -149,6 +150,81 @@ def plot_front_2d(path: Path, rows: Sequence[dict], summary: dict) -> Path:
     ax.set_ylabel(f"{names[1]} (higher is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")  # the init usually sits lower left: let the legend move off it
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _hv_title(summary: dict) -> str:
+    hv = summary.get("hypervolume", {})
+    hv_iv = (summary.get("uncertainty") or {}).get("hypervolume") or {}
+    parts = [f"{g} {hv[g]:.3f}" + (f" [{hv_iv[g]['low']:.3f}, {hv_iv[g]['high']:.3f}]" if g in hv_iv else "")
+             for g in ("rs", "experts", "morl", "init") if hv.get(g) is not None]
+    return f"hypervolume ({len(summary['rewards'])}-D, normalised): {', '.join(parts)}" if parts else ""
+
+
+def plot_front_pairs(path: Path, rows: Sequence[dict], summary: dict) -> Path:
+    """The N-D front seen pair by pair: one panel per pair of rewards (raw units), soups, experts, MORL, init,
+    with their bootstrap intervals; the title gives the N-D hypervolumes (the panels are projections: a soup that
+    looks dominated in one panel may be on the N-D front)."""
+    from itertools import combinations
+
+    plt = _pyplot()
+    names = summary["rewards"]
+    vals = reward_matrix(rows, names)
+    ok = np.all(np.isfinite(vals), axis=1)
+    kind = np.asarray([r["kind"] for r in rows])
+    pairs = list(combinations(range(len(names)), 2))
+    cols = min(3, len(pairs))
+    nrows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 4.0 * nrows + 0.8), squeeze=False)
+    intervals = _intervals(rows, summary, names, ok)
+    groups = (("soup", dict(marker="o", c="C0", ms=5, ls="none"), "soups θ(w)"),
+              ("expert", dict(marker="D", c="C3", ms=8, ls="none"), "experts"),
+              ("morl", dict(marker="s", c="C2", ms=7, ls="none"), "MORL (one training per μ)"),
+              ("init", dict(marker="*", c="k", ms=12, ls="none"), "init θ0"))
+    for ax, (a, b) in zip(axes.flat, pairs):
+        for group, style, label in groups:
+            idx = np.where((kind == group) & ok)[0].tolist()
+            if not idx:
+                continue
+            ax.plot(vals[idx, a], vals[idx, b], label=label, zorder=4, **style)
+            bars = [i for i in idx if i in intervals]
+            if bars:
+                v = vals[bars][:, [a, b]]
+                lo = np.stack([intervals[i][0][[a, b]] for i in bars])
+                hi = np.stack([intervals[i][1][[a, b]] for i in bars])
+                err = [np.clip(np.stack([v[:, k] - lo[:, k], hi[:, k] - v[:, k]]), 0.0, None) for k in range(2)]
+                ax.errorbar(v[:, 0], v[:, 1], xerr=err[0], yerr=err[1], fmt="none", ecolor=style["c"],
+                            elinewidth=0.7, capsize=2, alpha=0.6, zorder=3)
+            for i in idx:
+                if group == "expert":
+                    text = rows[i]["name"]
+                elif group == "morl":
+                    text = f"μ={_fmt(rows[i]['mu'])}" if rows[i].get("mu") else rows[i]["name"]
+                elif group == "soup" and len(names) == 3:  # more rewards: too many labels to read
+                    text = f"w={_fmt(rows[i]['weights'])}"
+                else:
+                    continue
+                ax.annotate(text, (vals[i, a], vals[i, b]), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                            color=style["c"])
+        ax.set_xlabel(names[a])
+        ax.set_ylabel(names[b])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    title = "Rewarded soups over " + ", ".join(names) + ", pair by pair (higher is better)"
+    if _hv_title(summary):
+        title += "\n" + _hv_title(summary)
+    if intervals:
+        unc = summary["uncertainty"]
+        title += (f"\nerror bars: {unc['level'] * 100:g} % paired-bootstrap intervals over {unc['n_examples']} "
+                  "test examples")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - 0.6 / fig.get_figheight()))
     try:
         return _save(fig, path)
     finally:

@@ -179,7 +179,8 @@ def _json_default(obj):
 
 
 def write_outputs(out_dir: str | Path, rows: Sequence[dict], settings: SummarySettings | None = None) -> dict:
-    """summary.json plus the plots (front.png for two rewards, radar.png for three or more); returns the summary."""
+    """summary.json plus the plots (front.png for two rewards, radar.png and front_pairs.png for three or more);
+    returns the summary."""
     from rs_lightning.front import plots
 
     summary = build_summary(rows, settings)
