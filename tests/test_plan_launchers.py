@@ -169,3 +169,26 @@ def test_a_killed_plan_resumes_without_redoing_finished_stages(tmp_path):
     assert (out / "seed0" / "front" / "summary.json").exists()
     timings = json.loads((out / "stages.json").read_text())
     assert timings["seed0-init"]["reused"] is True and timings["seed0-sweep"]["reused"] is False
+
+
+def test_sigterm_to_the_driver_stops_its_stages_and_says_so(tmp_path):
+    """A scheduler's or user's `kill` (SIGTERM) unwinds like Ctrl-C: the stage in flight is cancelled, not orphaned."""
+    out = tmp_path / "q"
+    driver = _rs_run("quick", "--out", str(out))
+    deadline = time.time() + 120
+    pid = None
+    while pid is None and driver.poll() is None and time.time() < deadline:
+        try:
+            record = json.loads((out / "state.json").read_text())["stages"]["seed0-init"]
+            pid = int(record["job"].split()[-1]) if record.get("state") == "running" else None
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    assert pid is not None, "the init stage never started"
+    driver.send_signal(signal.SIGTERM)
+    text = driver.communicate(timeout=60)[0]
+    assert driver.returncode == 143, text
+    with pytest.raises(ProcessLookupError):  # the stage's process is gone (reaped by the driver)
+        os.kill(pid, 0)
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages"]["seed0-init"]["state"] == "interrupted" and state["driver"]["finished"]

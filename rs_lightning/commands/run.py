@@ -12,6 +12,7 @@ or arguments (nothing started).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def main(argv: list[str]) -> int:
     print(f"rs run: {plan.path.name}, {len(stages)} stages, launcher {args.launcher}, retries {retries}; "
           f"outputs under {plan.out}", flush=True)
     start = time.perf_counter()
+    # SIGTERM (a scheduler's or a user's kill) unwinds like Ctrl-C, so the runner cancels the stages in flight.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         run_stages(stages, plan.out, force=args.force, workers=args.workers, threads=args.threads,
                    launcher=launcher, retries=retries, log=lambda line: print(line, flush=True))
