@@ -1,14 +1,14 @@
 """PPO iteration throughput of `TextPPOModule`: samples/s and generated tokens/s, split by phase.
 
 One PPO iteration = generate (sample the responses), score (every reward), reference (old log-probs, values and
-the KL reference in two no-grad forwards, then GAE), optimise (`ppo_epochs` x mini-batches of forward + backward +
+the KL reference in two no-grad forwards, then GAE), optimise (`ppo.epochs` x mini-batches of forward + backward +
 Adam). The module times these phases itself (`module.last_iteration["timings"]`, also logged as `time/<phase>`);
 this benchmark runs a short fit, drops the warm-up iterations and records the per-phase medians in
 `benchmark.extra_info`. The benchmark's own time is the whole fit (setup included), the per-iteration numbers are
 in extra_info.
 
     policies: "tiny" (random 2-layer Llama, a rule reward: the framework's overhead) and "smollm2"
-    (SmolLM2-135M-Instruct with the review rewards VADER + MiniLM relevance, as configs/text/review_vader.yaml;
+    (SmolLM2-135M-Instruct with the review rewards VADER + MiniLM relevance, as configs/text/review.yaml;
     only when its converted copy is already in the cache: the benchmark never converts the GGUF).
 
 Run: `pytest benchmarks/bench_ppo.py --benchmark-json=out.json`; RS_BENCH_PPO_ITERS (default 4) measured
@@ -55,8 +55,8 @@ def _tiny(tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = str(tmp_path / "model")
     module = TextPPOModule(model=model, rewards=[KeywordReward(["e"], mode="count", whole_word=False, name="e")],
-                           lora_r=8, lora_alpha=16, lora_dropout=0.0, response_length=(16, 16), ppo_epochs=4,
-                           mini_batch_size=4, lr=1e-3)
+                           lora={"r": 8, "alpha": 16, "dropout": 0.0}, rollout={"response_length": (16, 16)},
+                           ppo={"epochs": 4, "mini_batch_size": 4, "lr": 1e-3})
     data = PromptDataModule(source=str(tmp_path / "p.jsonl"), tokenizer=model, num_val=0, num_test=8,
                             batch_size=BATCH, prefix_tokens=(0, 0))
     return module, data
@@ -66,14 +66,15 @@ def _smollm2(tmp_path):
     from rs_lightning.rewards.relevance import RelevanceReward
     from rs_lightning.rewards.vader import VaderReward
 
-    # The settings of configs/text/review_vader.yaml.
+    # The settings of configs/text/review.yaml (expert R1).
     module = TextPPOModule(model=OFFLINE_DEFAULT_MODEL, rewards=[VaderReward(name="vader"),
                                                                  RelevanceReward(name="relevance")],
-                           reward_weights=[1.0, 0.0], lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=5e-4,
-                           ppo_epochs=1, mini_batch_size=4, init_kl_coef=0.1, adaptive_kl=False, max_grad_norm=1.0,
-                           response_length=(24, 24), ignore_eos=False, reward_includes_prefix=False,
-                           advantage=os.environ.get("RS_BENCH_PPO_ADVANTAGE", "sequence"),
-                           dtype=os.environ.get("RS_BENCH_PPO_DTYPE", "float32"))
+                           reward_weights=[1.0, 0.0], lora={"r": 8, "alpha": 16, "dropout": 0.0},
+                           ppo={"lr": 5e-4, "epochs": 1, "mini_batch_size": 4, "max_grad_norm": 1.0,
+                                "advantage": os.environ.get("RS_BENCH_PPO_ADVANTAGE", "sequence")},
+                           kl={"init_coef": 0.1, "adaptive": False},
+                           rollout={"response_length": (24, 24), "ignore_eos": False},
+                           scoring={"includes_prefix": False}, dtype=os.environ.get("RS_BENCH_PPO_DTYPE", "float32"))
     data = PromptDataModule(source="drug_reviews", tokenizer=OFFLINE_DEFAULT_MODEL, template="chat",
                             prefix_tokens=(3, 6), num_val=0, num_test=8, batch_size=BATCH)
     return module, data

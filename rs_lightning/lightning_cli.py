@@ -57,6 +57,9 @@ def run_lightning_cli(args: list[str]) -> int:
         # `rs fit ...` passes its own argv as `args` on purpose (sys.argv must stay intact: DDP relaunches the
         # command for the other ranks from it), so Lightning's "both args and command line arguments" is noise.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        # A config that leaves the logger to Lightning (configs/text/review.yaml: its metrics follow
+        # trainer.default_root_dir) gets a CSVLogger without TensorBoard; being told so on every run is noise.
+        warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
         try:
             CLI(subclass_mode_model=True, subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True})
         except argparse.ArgumentError as err:

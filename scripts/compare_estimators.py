@@ -4,7 +4,7 @@
         --out runs/compare_estimators/replicated.json      # ~25 CPU minutes: 2 worker processes, 1 thread each
     python scripts/compare_estimators.py --quick          # tiny random model, 2 iterations: a smoke run in seconds
 
-One run = one estimator x one seed: a fresh run of configs/text/review_vader.yaml (SmolLM2-135M-Instruct, VADER
+One run = one estimator x one seed: a fresh run of configs/text/review.yaml (SmolLM2-135M-Instruct, VADER
 reward, LoRA r 8, 1 PPO epoch of mini-batches of 4, fixed KL coefficient 0.1: every estimator shares the KL
 settings) for `--iterations` PPO iterations. Every run generates the same number of responses per iteration:
 gae and sequence one for each of `--samples` prompts, rloo one for each of `--rloo-k` repeats of
@@ -12,7 +12,7 @@ gae and sequence one for each of `--samples` prompts, rloo one for each of `--rl
 
 The seed sets the training prompts' order (the data module's `seed`) and the sampling RNG (seed_everything, called
 after the start evaluation, so the training stream does not depend on it). The LoRA init is the config's
-`lora_init_seed` for every run (a fresh LoRA is the base model), so runs of one seed differ only by their estimator:
+`lora.init_seed` for every run (a fresh LoRA is the base model), so runs of one seed differ only by their estimator:
 the differences between estimators are paired by seed (gae and sequence even sample the same first batch; rloo's
 batches are the first `samples / k` prompts of the same order).
 
@@ -71,7 +71,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CONFIG = ROOT / "configs" / "text" / "review_vader.yaml"
+CONFIG = ROOT / "configs" / "text" / "review.yaml"
+# Earlier names of a config with the same settings: a --reuse file that names one compares equal.
+RENAMED_CONFIGS = {"review_vader.yaml": "review.yaml"}
 ESTIMATORS = ("gae", "sequence", "rloo")
 WINDOW = 3  # iterations averaged for the end reward and the smoothed trajectory (train summaries)
 KL_SAMPLING_SEED = 12345  # the held-out KL's responses: the same draws in every evaluation
@@ -91,8 +93,9 @@ def settings(config: Path, quick: bool) -> tuple[dict, dict]:
     model, data = dict(cfg["model"]["init_args"]), dict(cfg["data"]["init_args"])
     if quick:
         vader = [r for r in model["rewards"] if r["class_path"].endswith("VaderReward")]
-        model.update(model="tiny-random", rewards=vader, reward_weights=[1.0], response_length=[4, 4],
-                     eval_max_new_tokens=4, lora_r=4, lora_alpha=8)
+        model.update(model="tiny-random", rewards=vader, reward_weights=[1.0])
+        model["rollout"] = {**model.get("rollout", {}), "response_length": [4, 4], "eval_max_new_tokens": 4}
+        model["lora"] = {**model.get("lora", {}), "r": 4, "alpha": 8}
         data.update(tokenizer="tiny-random", num_train=64, num_val=0, num_test=0)
     return model, data
 
@@ -162,10 +165,10 @@ def heldout_kl(module, batch: dict) -> dict:
     from rs_lightning.tasks.text import policy as pol
     from rs_lightning.tasks.text.rollout import Rollout, generation_config
 
-    hp, tok, policy = module.hparams, module.tokenizer, module.policy
-    n, length = len(batch["prompts"]), max(hp.response_length)
-    config = generation_config(tok, length, greedy=False, top_k=hp.top_k, top_p=hp.top_p,
-                               temperature=hp.temperature, ignore_eos=hp.ignore_eos)
+    sampling, tok, policy = module.settings.rollout, module.tokenizer, module.policy
+    n, length = len(batch["prompts"]), max(sampling.response_length)
+    config = generation_config(tok, length, greedy=False, top_k=sampling.top_k, top_p=sampling.top_p,
+                               temperature=sampling.temperature, ignore_eos=sampling.ignore_eos)
     config.return_dict_in_generate, config.output_logits = True, True
     was_training = policy.training
     policy.eval()
@@ -177,13 +180,14 @@ def heldout_kl(module, batch: dict) -> dict:
             response = out.sequences[:, batch["input_ids"].shape[1]:]
             logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
             mask = torch.ones_like(response, dtype=torch.bool)
-            if not hp.ignore_eos and tok.eos_token_id is not None:  # the first EOS ends a response (rollout.generate)
+            # The first EOS ends a response (rollout.generate).
+            if not sampling.ignore_eos and tok.eos_token_id is not None:
                 is_eos = response == tok.eos_token_id
                 mask &= ~((is_eos.long().cumsum(1) - is_eos.long()) > 0)
             mask = mask.long()
             ro = Rollout(batch["input_ids"], batch["attention_mask"], response.masked_fill(mask == 0, tok.pad_token_id),
                          mask, [])
-            with pol.reference_policy(policy, hp.kl_reference):
+            with pol.reference_policy(policy, module.settings.kl.reference):
                 logq = torch.log_softmax(_response_logits(policy, ro), -1)
     finally:
         policy.train(was_training)
@@ -243,11 +247,12 @@ def run(estimator: str, model_args: dict, data_args: dict, *, iterations: int, s
 
     wall0 = time.time()
     margs, dargs = copy.deepcopy(model_args), dict(data_args, batch_size=samples, seed=seed)
-    margs["advantage"] = estimator
+    ppo = margs.setdefault("ppo", {})  # the config's PPO group (a copy): the estimator is its `advantage`
+    ppo["advantage"] = estimator
     if estimator == "rloo":
         if samples % rloo_k:
             raise ValueError(f"--samples {samples} must be a multiple of --rloo-k {rloo_k}")
-        margs["rloo_k"], dargs["batch_size"] = rloo_k, samples // rloo_k
+        ppo["rloo_k"], dargs["batch_size"] = rloo_k, samples // rloo_k
     margs["rewards"] = [instantiate(r) for r in margs["rewards"]]
     module = TextPPOModule(**margs)
     eval_data = PromptDataModule(**dict(data_args, seed=eval_seed, num_train=0, num_val=0, num_test=eval_prompts,
@@ -598,7 +603,11 @@ def _load_reused(args, names: list[str]) -> tuple[dict, list[dict]]:
     for path in args.reuse:
         old = json.loads(path.read_text())
         now = {k: _plain(v) for k, v in vars(args).items()}
-        differ = {k: (old["settings"].get(k), now[k]) for k in REUSE_SETTINGS if old["settings"].get(k) != now[k]}
+        theirs = dict(old["settings"])
+        if theirs.get("config"):
+            config = Path(theirs["config"])
+            theirs["config"] = str(config.with_name(RENAMED_CONFIGS.get(config.name, config.name)))
+        differ = {k: (theirs.get(k), now[k]) for k in REUSE_SETTINGS if theirs.get(k) != now[k]}
         if differ:
             raise ValueError(f"--reuse {path}: other settings {differ} (theirs, ours): its runs are not comparable")
         taken = [r for r in old["runs"] if r.get("complete") and r["estimator"] in names and r["seed"] in args.seeds

@@ -80,8 +80,9 @@ def running_server(app, timeout: float = 30.0):
 TEXT_MODEL = {
     "class_path": "rs_lightning.tasks.text.module.TextPPOModule",
     "init_args": {
-        "model": "tiny-random", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj", "lm_head"], "eval_max_new_tokens": 6, "reward_weights": [0.5, 0.5],
+        "model": "tiny-random", "reward_weights": [0.5, 0.5],
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]},
+        "rollout": {"eval_max_new_tokens": 6},
         "rewards": [{"class_path": "rs_lightning.rewards.rules.KeywordReward",
                      "init_args": {"keywords": ["e"], "mode": "count", "whole_word": False, "name": "e"}},
                     {"class_path": "rs_lightning.rewards.rules.KeywordReward",

@@ -142,8 +142,8 @@ def test_text_fisher_covers_the_lora_adapter(tmp_path):
     rows = [{"id": str(i), "instruction": f"Write about item {i}.", "reference": "a cat"} for i in range(8)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     module = TextPPOModule(model=str(tmp_path / "model"), rewards=[KeywordReward(["e"], mode="count", name="e")],
-                           lora_r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           eval_max_new_tokens=4, advantage="sequence")
+                           lora={"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                           rollout={"eval_max_new_tokens": 4}, ppo={"advantage": "sequence"})
     module.configure_model()
     data = PromptDataModule(source=str(tmp_path / "p.jsonl"), tokenizer=str(tmp_path / "model"), num_val=2,
                             num_test=2, batch_size=2, eval_batch_size=2, prefix_tokens=(0, 0), template="alpaca")

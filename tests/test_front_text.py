@@ -33,9 +33,9 @@ def _task(root):
     from rs_lightning.tasks.text.module import TextPPOModule
 
     rewards = [KeywordReward([c], mode="count", whole_word=False, name=c) for c in ("e", "a")]
-    module = TextPPOModule(model=str(root / "model"), rewards=rewards, reward_weights=[0.5, 0.5], lora_r=4,
-                           lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"],
-                           eval_max_new_tokens=6)
+    module = TextPPOModule(model=str(root / "model"), rewards=rewards, reward_weights=[0.5, 0.5],
+                           lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "lm_head"]},
+                           rollout={"eval_max_new_tokens": 6})
     # 7 test / 5 validation prompts in batches of 3: the last batch of each is short.
     data = PromptDataModule(source=str(root / "prompts.jsonl"), tokenizer=str(root / "model"), num_val=5,
                             num_test=7, batch_size=8, eval_batch_size=3, prefix_tokens=(0, 0), template="alpaca")

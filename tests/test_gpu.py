@@ -168,9 +168,9 @@ def _text_ppo(tmp_path, **kwargs):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     L.seed_everything(0)
     module = TextPPOModule(model=str(tmp_path / "model"), rewards=[KeywordReward(["e"], mode="count",
-                           whole_word=False, name="e")], lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2,
-                           response_length=(8, 8), ppo_epochs=2, mini_batch_size=8, eval_max_new_tokens=8,
-                           **kwargs)
+                           whole_word=False, name="e")], lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                           ppo={"lr": 1e-2, "epochs": 2, "mini_batch_size": 8},
+                           rollout={"response_length": (8, 8), "eval_max_new_tokens": 8}, **kwargs)
     data = PromptDataModule(source=str(tmp_path / "prompts.jsonl"), tokenizer=str(tmp_path / "model"), num_val=8,
                             num_test=8, batch_size=16, eval_batch_size=8, prefix_tokens=(0, 0), template="alpaca")
     return module, data

@@ -28,8 +28,8 @@ def setup(tmp_path_factory):
     rows = [{"id": str(i), "instruction": f"Say {i} things.", "reference": "a cat"} for i in range(8)]
     (root / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     module = TextPPOModule(model=str(root / "model"), rewards=[KeywordReward(["e"], mode="count", name="e")],
-                           lora_r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           eval_max_new_tokens=5, advantage="sequence")
+                           lora={"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                           rollout={"eval_max_new_tokens": 5}, ppo={"advantage": "sequence"})
     module.configure_model()
     data = PromptDataModule(source=str(root / "p.jsonl"), tokenizer=str(root / "model"), num_val=2, num_test=4,
                             batch_size=4, eval_batch_size=4, prefix_tokens=(0, 0), template="alpaca")

@@ -24,9 +24,10 @@ from rs_lightning.tasks.text.module import TextPPOModule
 from rs_lightning.tasks.text.rollout import generate, response_forward
 
 ALL_LINEAR = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
-# Settings under which the tiny random policy learns the "e" count fast (the lead's smoke run).
-FAST = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR, lr=1e-2, response_length=(8, 8),
-            ppo_epochs=2, mini_batch_size=8, init_kl_coef=0.05, eval_max_new_tokens=8)
+# Settings under which the tiny random policy learns the "e" count fast (the lead's smoke run), by group.
+FAST = dict(lora=dict(r=4, alpha=8, dropout=0.0, target_modules=ALL_LINEAR),
+            ppo=dict(lr=1e-2, epochs=2, mini_batch_size=8), kl=dict(init_coef=0.05),
+            rollout=dict(response_length=(8, 8), eval_max_new_tokens=8))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
@@ -50,7 +51,9 @@ def e_reward(name="e"):
 
 
 def make_module(tiny, rewards=None, **kw) -> TextPPOModule:
-    return TextPPOModule(model=tiny.model, rewards=rewards or [e_reward()], **{**FAST, **kw})
+    """FAST, with `kw`'s groups (dicts) merged into it field by field (`ppo={"advantage": "rloo"}`)."""
+    merged = {**FAST, **{k: {**FAST.get(k, {}), **v} if isinstance(v, dict) else v for k, v in kw.items()}}
+    return TextPPOModule(model=tiny.model, rewards=rewards or [e_reward()], **merged)
 
 
 def make_data(tiny, **kw) -> PromptDataModule:
@@ -159,7 +162,7 @@ def test_fresh_lora_and_value_head_do_not_depend_on_run_seed(tiny):
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
     for x, y in zip(one.value_head.parameters(), two.value_head.parameters()):
         assert torch.equal(x, y)
-    other = adapter(make_module(tiny, lora_init_seed=1))  # the seed that IS meant to change it
+    other = adapter(make_module(tiny, lora={"init_seed": 1}))  # the seed that IS meant to change it
     assert any(not torch.equal(a[k], other[k]) for k in a if "lora_A" in k)
 
 
@@ -199,7 +202,7 @@ def test_init_adapter_is_trainable_start_and_frozen_reference(tiny, sft_adapter,
     from rs_lightning.tasks.text.model_loading import load_causal_lm
 
     L.seed_everything(0)
-    module = make_module(tiny, init_adapter=sft_adapter)
+    module = make_module(tiny, lora={"init_adapter": sft_adapter})
     saved = load_file(f"{sft_adapter}/adapter_model.safetensors")
     start = adapter(module)
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
@@ -245,7 +248,7 @@ class BatchIds(L.Callback):
 def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    kw = dict(lora_dropout=0.1, reward_normalization="running")  # dropout and reward stats must resume too
+    kw = dict(lora={"dropout": 0.1}, scoring={"normalization": "running"})  # dropout and reward stats must resume too
     n = 2
     L.seed_everything(0)
     straight, seen = make_module(tiny, **kw), BatchIds()
@@ -298,7 +301,7 @@ def test_mid_epoch_resume_matches_uninterrupted_run(tiny, tmp_path):
     trained on yet (not the epoch's first ones again) and ends where the uninterrupted run ends."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    kw = dict(lora_dropout=0.1, reward_normalization="running")
+    kw = dict(lora={"dropout": 0.1}, scoring={"normalization": "running"})
     n, epochs = 3, 2  # 48 training prompts / batch 16: 3 iterations per epoch
     L.seed_everything(0)
     straight, seen = make_module(tiny, **kw), BatchIds()
@@ -347,7 +350,7 @@ def test_logged_metrics_train_and_test(tiny, tmp_path):
 
 
 def test_prompt_length_sampling_gives_per_prompt_lengths(tiny):
-    module = make_module(tiny, response_length=(2, 9), length_sampling="prompt")
+    module = make_module(tiny, rollout={"response_length": (2, 9), "length_sampling": "prompt"})
     data = make_data(tiny)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -357,7 +360,7 @@ def test_prompt_length_sampling_gives_per_prompt_lengths(tiny):
     assert ro.response_mask.sum(1).tolist() == lengths  # EOS ignored: every response has exactly its length
     assert ro.response_ids.shape[1] == max(lengths)
     assert module._lengths(16) == lengths  # seeded by the iteration: a resumed run draws the same lengths
-    batch_mode = make_module(tiny, response_length=(2, 9))._lengths(16)
+    batch_mode = make_module(tiny, rollout={"response_length": (2, 9)})._lengths(16)
     assert len(set(batch_mode)) == 1
 
 
@@ -446,7 +449,7 @@ PAPER_CONFIGS = ["news_summary", "news_summary_fsdp", "reddit_tldr", "stack_exch
 def test_paper_configs_use_the_base_model_as_kl_reference_and_per_query_lengths(name):
     """The paper's TRL 0.4 runs: reference = base LLaMA (adapter disabled), a response length drawn per query."""
     args = _parse_only(CONFIGS / f"{name}.yaml").model.init_args
-    assert args.init_adapter and args.kl_reference == "base" and args.length_sampling == "prompt"
+    assert args.lora.init_adapter and args.kl.reference == "base" and args.rollout.length_sampling == "prompt"
 
 
 def test_config_parse_catches_a_wrong_reward_argument(tmp_path, capsys):
@@ -496,7 +499,7 @@ def test_critic_free_sequence_mode_has_no_value_head_and_ignores_vf_coef(tiny, t
     states = []
     for vf_coef in (0.0, 0.1):
         L.seed_everything(0)
-        module = make_module(tiny, advantage="sequence", vf_coef=vf_coef)
+        module = make_module(tiny, ppo={"advantage": "sequence", "vf_coef": vf_coef})
         make_trainer(tmp_path / str(vf_coef), iterations=1).fit(module, make_data(tiny))
         states.append(adapter(module))
     first, second = states
@@ -508,7 +511,7 @@ def test_critic_free_sequence_mode_has_no_value_head_and_ignores_vf_coef(tiny, t
 
 def test_rloo_iteration_samples_k_per_prompt_and_moves_the_lora(tiny, tmp_path):
     L.seed_everything(0)
-    module, rec, seen = make_module(tiny, advantage="rloo", rloo_k=4), Record(), BatchIds()
+    module, rec, seen = make_module(tiny, ppo={"advantage": "rloo", "rloo_k": 4}), Record(), BatchIds()
     assert module.value_head is None and not [n for n, _ in module.named_parameters() if "value_head" in n]
     before = adapter(module)
     make_trainer(tmp_path, iterations=1, callbacks=[rec, seen]).fit(module, make_data(tiny, batch_size=4))
@@ -522,8 +525,8 @@ def test_rloo_iteration_samples_k_per_prompt_and_moves_the_lora(tiny, tmp_path):
 
 
 def test_rloo_k_below_two_is_refused(tiny):
-    with pytest.raises(ValueError, match=r"rloo_k must be an integer >= 2.*got 1"):
-        make_module(tiny, advantage="rloo", rloo_k=1)
+    with pytest.raises(ValueError, match=r"model.ppo.rloo_k must be an integer >= 2.*got 1"):
+        make_module(tiny, ppo={"advantage": "rloo", "rloo_k": 1})
 
 
 def test_repeat_rows_puts_the_k_samples_of_a_prompt_next_to_each_other():
@@ -541,7 +544,7 @@ def test_rloo_mid_epoch_resume_matches_uninterrupted_run(tiny, tmp_path):
     next prompt batch and ends where the uninterrupted run ends."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    kw, data = dict(advantage="rloo", rloo_k=2), dict(batch_size=8)
+    kw, data = dict(ppo={"advantage": "rloo", "rloo_k": 2}), dict(batch_size=8)
     L.seed_everything(0)
     straight, seen = make_module(tiny, **kw), BatchIds()
     make_trainer(tmp_path / "straight", iterations=2, callbacks=[seen]).fit(straight, make_data(tiny, **data))
@@ -565,7 +568,7 @@ def test_critic_free_export_and_checkpoint_have_no_value_head(tiny, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(0)
-    module = make_module(tiny, advantage="sequence")
+    module = make_module(tiny, ppo={"advantage": "sequence"})
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     make_trainer(tmp_path, iterations=1, callbacks=[ckpt, ExportExpert(str(tmp_path / "expert"))],
                  enable_checkpointing=True).fit(module, make_data(tiny))
@@ -605,7 +608,7 @@ def test_fsdp_wraps_and_exports_no_value_head_in_critic_free_modes(tiny, tmp_pat
             return contextlib.nullcontext()
 
     monkeypatch.setattr(torch_fsdp, "FullyShardedDataParallel", StandIn)
-    module = make_module(tiny, advantage="rloo")
+    module = make_module(tiny, ppo={"advantage": "rloo"})
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(parallel_devices=[torch.device("cpu")]))
     assert fsdp.shard_policy(module)
     assert isinstance(module.policy, StandIn) and module.value_head is None
@@ -623,7 +626,7 @@ def test_kl_reference_base_disables_the_initial_adapter(tiny, sft_adapter, tmp_p
     from rs_lightning.tasks.text.model_loading import load_causal_lm
 
     L.seed_everything(0)
-    module = make_module(tiny, init_adapter=sft_adapter, kl_reference="base")
+    module = make_module(tiny, lora={"init_adapter": sft_adapter}, kl={"reference": "base"})
     assert not reference_state(module), "kl_reference=base needs no frozen copy of the adapter"
     data = make_data(tiny)
     data.setup("fit")
@@ -638,8 +641,8 @@ def test_kl_reference_base_disables_the_initial_adapter(tiny, sft_adapter, tmp_p
     rec = Record()
     make_trainer(tmp_path, iterations=1, callbacks=[rec]).fit(module, data)
     assert rec.series("train/kl")[0] > 0.01  # the SFT start is already away from the base model (init: exactly 0)
-    with pytest.raises(ValueError, match="kl_reference must be one of .*'sft'"):
-        make_module(tiny, kl_reference="sft")
+    with pytest.raises(ValueError, match="model.kl.reference must be one of .*'sft'"):
+        make_module(tiny, kl={"reference": "sft"})
 
 
 # ---- 10. scripts/compare_estimators.py ------------------------------------------------------------------------------
@@ -783,7 +786,8 @@ def test_compare_estimators_parallel_workers_match_in_process(tmp_path):
 
 @pytest.mark.parametrize("ignore_eos", [True, False])
 def test_sampling_logprobs_equal_a_forward_pass_of_the_same_policy(tiny, ignore_eos):
-    module = make_module(tiny, advantage="sequence", lora_dropout=0.1)  # eval mode must switch dropout off
+    # lora dropout on: eval mode must switch it off
+    module = make_module(tiny, ppo={"advantage": "sequence"}, lora={"dropout": 0.1})
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a LoRA that moves the policy (a fresh one is the base model: B = 0)
         for name, p in module.policy.named_parameters():
@@ -821,7 +825,7 @@ def test_critic_free_iterations_skip_the_old_logprob_forward(tiny, tmp_path, mon
     for advantage in ("gae", "sequence"):
         calls.clear()
         L.seed_everything(0)
-        make_trainer(tmp_path / advantage, iterations=1).fit(make_module(tiny, advantage=advantage),
+        make_trainer(tmp_path / advantage, iterations=1).fit(make_module(tiny, ppo={"advantage": advantage}),
                                                              make_data(tiny))
         counts[advantage] = len(calls)
     # batch 16, mini-batches of 8, 2 PPO epochs: 4 optimisation passes; + reference; + old (GAE only).

@@ -52,9 +52,9 @@ def test_ddp_spawn_two_ranks_keep_identical_adapters(tmp_path):
     L.seed_everything(0)
     targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"]
     module = TextPPOModule(
-        model=model, rewards=[KeywordReward(["e"], mode="count", whole_word=False, name="e")], lora_r=4,
-        lora_alpha=8, lora_dropout=0.0, target_modules=targets, lr=1e-2, response_length=(6, 6), ppo_epochs=2,
-        mini_batch_size=4, init_kl_coef=0.05,
+        model=model, rewards=[KeywordReward(["e"], mode="count", whole_word=False, name="e")],
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets}, ppo={"lr": 1e-2, "epochs": 2,
+        "mini_batch_size": 4}, kl={"init_coef": 0.05}, rollout={"response_length": (6, 6)},
     )
     data = PromptDataModule(source=str(tmp_path / "p.jsonl"), tokenizer=model, num_val=0, num_test=8, batch_size=8,
                             prefix_tokens=(0, 0))

@@ -1,7 +1,7 @@
 """The text family of `rs demo`: SmolLM2-135M-Instruct + LoRA, VADER positivity vs MiniLM relevance.
 
-Stages of each replicate r (the offline review task of configs/text/review_*.yaml; seed = first seed + r):
-  init        the replicate's theta_0: SmolLM2 with a fresh LoRA (lora_init_seed = seed), exported untrained
+Stages of each replicate r (the offline review task of configs/text/review.yaml; seed = first seed + r):
+  init        the replicate's theta_0: SmolLM2 with a fresh LoRA (lora.init_seed = seed), exported untrained
   expert x2   PPO on one reward each (mu one-hot)
   morl        PPO on 0.5 vader + 0.5 relevance, the baseline one training per preference buys (3 rewards: MORL at
               uniform mu and at 0.6 on each reward, 4 trainings)
@@ -27,7 +27,7 @@ from rs_lightning.demo.pipeline import (
     replicate_stages,
 )
 
-BASE_CONFIG = CONFIG_ROOT / "text" / "review_vader.yaml"
+BASE_CONFIG = CONFIG_ROOT / "text" / "review.yaml"
 REWARDS = ["vader", "relevance"]
 # `rs demo --task text --rewards` takes 2 or 3 of these. "concise" pulls against the other two: LengthReward with
 # target 8 words scores -|n - 8| / 8, so the fuller, review-like answers that positivity and relevance favour lose.
@@ -38,11 +38,13 @@ EXTRA_REWARDS = {"concise": {"class_path": "rs_lightning.rewards.rules.LengthRew
 # in [-2, 0] (24 new tokens are at most about 24 words: -(24 - 8) / 8).
 RANGES = {"vader": (-1.0, 1.0), "relevance": (0.0, 1.0), "concise": (-2.0, 0.0)}
 
+# Overrides per profile: "<section>.<key>[.<field>...]" is the path under the section's init_args (the module's
+# settings groups are nested: "model.rollout.response_length"); "iterations" is trainer.limit_train_batches.
 PROFILES = {
     "default": {},
     "quick": {
-        "model.model": "tiny-random", "data.tokenizer": "tiny-random", "model.response_length": [8, 8],
-        "model.eval_max_new_tokens": 8, "data.num_train": 16, "data.num_val": 4, "data.num_test": 4,
+        "model.model": "tiny-random", "data.tokenizer": "tiny-random", "model.rollout.response_length": [8, 8],
+        "model.rollout.eval_max_new_tokens": 8, "data.num_train": 16, "data.num_val": 4, "data.num_test": 4,
         "data.batch_size": 4, "data.eval_batch_size": 4, "iterations": 2,
     },
 }
@@ -58,17 +60,30 @@ def base_config(profile: str, iterations: int | None, rewards: list[str] = REWAR
     its = iterations or settings.pop("iterations", None)
     settings.pop("iterations", None)
     for dotted, value in settings.items():
-        section, key = dotted.split(".")
-        config[section]["init_args"][key] = value
+        set_path(config, dotted, value)
     if its is not None:
         config["trainer"]["limit_train_batches"] = its
     return config
 
 
+def set_path(config: dict, dotted: str, value) -> None:
+    """Set `value` at "<section>.<key>[.<field>...]" under config[section]["init_args"], making the groups on the
+    way (a group the base config leaves out keeps its defaults for the fields not set)."""
+    section, *path = dotted.split(".")
+    if section not in ("model", "data") or not path:
+        raise ValueError(f"profile override {dotted!r}: expected model.<key>[.<field>...] or data.<key>")
+    node = config[section]["init_args"]
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"profile override {dotted!r}: {key!r} is not a group of settings")
+    node[path[-1]] = value
+
+
 def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> dict:
     config = copy.deepcopy(base)
     config["seed_everything"] = seed
-    config["model"]["init_args"]["lora_init_seed"] = seed
+    config["model"]["init_args"].setdefault("lora", {})["init_seed"] = seed
     config["model"]["init_args"]["reward_weights"] = mu
     trainer = config["trainer"]
     trainer["default_root_dir"] = str(run_dir)

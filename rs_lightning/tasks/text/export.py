@@ -41,16 +41,17 @@ def export_expert(module, dirpath: str | os.PathLike, *, overwrite: bool = True,
         if head_state is not None:
             head = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
             save_file(head, str(tmp / "value_head.safetensors"))
-        hp = module.hparams
+        settings = module.settings
+        # Flat keys, as experts exported before the settings had groups wrote them: readers need not know the groups.
         info = {
-            "base_model": hp.model,
+            "base_model": module.hparams.model,
             "rewards": module.reward_names,
             "reward_weights": module.objective.weights,
-            "reward_normalization": hp.reward_normalization,
-            "init_adapter": hp.init_adapter,
-            "advantage": hp.advantage,
-            "kl_reference": hp.kl_reference,
-            "lora_init_seed": hp.lora_init_seed,
+            "reward_normalization": settings.scoring.normalization,
+            "init_adapter": settings.lora.init_adapter,
+            "advantage": settings.ppo.advantage,
+            "kl_reference": settings.kl.reference,
+            "lora_init_seed": settings.lora.init_seed,
             "ppo_iterations": module.ppo_iteration,
         }
         (tmp / "expert.json").write_text(json.dumps(info, indent=2) + "\n")

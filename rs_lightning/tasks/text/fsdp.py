@@ -1,7 +1,7 @@
 """FSDP for the PPO policy: the policy and the value head (GAE only) become FSDP roots of their own (in
 `configure_model`); the critic-free advantages have no value head, only the policy is wrapped.
 
-Why not let Lightning wrap the whole LightningModule, as it does by default: PPO runs ppo_epochs x mini-batches
+Why not let Lightning wrap the whole LightningModule, as it does by default: PPO runs ppo.epochs x mini-batches
 forward/backward passes inside ONE `training_step`, and Lightning runs `training_step` inside the root unit's
 forward. Every backward then happens before that forward returns, which FSDP (v1) does not support. Seen on an
 H100 with configs/text/news_summary_fsdp.yaml's strategy: "Expects BACKWARD_PRE or BACKWARD_POST state but got
@@ -57,8 +57,8 @@ def shard_policy(module) -> bool:
         return True
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if module.hparams.max_grad_norm is not None:
-        raise ValueError("model.max_grad_norm is not supported under FSDP yet: clipping needs one norm over the "
+    if module.settings.ppo.max_grad_norm is not None:
+        raise ValueError("model.ppo.max_grad_norm is not supported under FSDP yet: clipping needs one norm over the "
                          "policy and value-head roots (Lightning's clip_gradients refuses FSDP); set it to null")
     common = dict(cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
                   sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device.index)

@@ -1,15 +1,17 @@
 """`TextPPOModule`: PPO with LoRA on a causal LM, as a LightningModule (manual optimisation).
 
-One training step = one PPO iteration of the paper (TRL 0.4 semantics):
-1. sample a response per prompt (`rloo`: `rloo_k` per prompt) (top_k 0, top_p 1, lengths drawn from
-   `response_length`, EOS ignored by default as in the paper);
+One training step = one PPO iteration of the paper (TRL 0.4 semantics); the settings named here are the groups of
+settings.py (`ppo.epochs` is the config key `model.init_args.ppo.epochs`):
+1. sample a response per prompt (`rloo`: `ppo.rloo_k` per prompt) (top_k 0, top_p 1, lengths drawn from
+   `rollout.response_length`, EOS ignored by default as in the paper);
 2. score it with every reward (all are logged) and form the training reward sum_k mu_k R_k / sum mu_k
-   (`reward_weights` = mu: one-hot for an expert, mixed for MORL; normalisation explicit);
-3. old log-probs (and values for GAE), and reference log-probs (`kl_reference`: the frozen initial adapter, or
+   (`reward_weights` = mu: one-hot for an expert, mixed for MORL; normalisation explicit: `scoring`);
+3. old log-probs (and values for GAE), and reference log-probs (`kl.reference`: the frozen initial adapter, or
    the base model);
-4. advantages: `gae` (the paper): per-token reward -beta KL with the score on the last token, GAE (gamma 1,
-   lambda 0.95); or critic-free `sequence` (rl/sequence.py) or `rloo` (rl/rloo.py), one value per response;
-5. `ppo_epochs` passes over shuffled mini-batches: clipped policy loss (+ vf_coef * clipped value loss for GAE,
+4. advantages (`ppo.advantage`): `gae` (the paper): per-token reward -beta KL with the score on the last token,
+   GAE (gamma 1, lambda 0.95); or critic-free `sequence` (rl/sequence.py) or `rloo` (rl/rloo.py), one value per
+   response;
+5. `ppo.epochs` passes over shuffled mini-batches: clipped policy loss (+ vf_coef * clipped value loss for GAE,
    with whitened advantages), gradient clipping; then the KL controller update.
 Logged per iteration: train/reward/<name> for every reward and train/reward/total (synced over ranks), train/kl,
 train/kl_coef, the PPO statistics, and time/{generate,score,reference,optimise} (this rank's seconds); the last
@@ -18,7 +20,7 @@ decodes greedily, logs `test/reward/<name>` for every reward (the front's object
 total as `test/reward_total`, and returns the per-example scores (the contract of rs_lightning.front.per_example).
 Runs are sized in PPO iterations (`limit_train_batches` x `max_epochs`), not in Lightning's `global_step`.
 The training iteration itself lives in `training.py`, expert export (PEFT adapter, + value head for GAE) in
-`export.py`.
+`export.py`, the settings' groups in `settings.py`.
 """
 
 from __future__ import annotations
@@ -39,51 +41,42 @@ from rs_lightning.tasks.ensemble import EnsembleMembers
 from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
 from rs_lightning.tasks.text.rollout import Rollout, generate, mixture_greedy, response_forward
+from rs_lightning.tasks.text.settings import (
+    GROUPS,
+    KLSettings,
+    LoraSettings,
+    PPOSettings,
+    RolloutSettings,
+    ScoringSettings,
+    TextSettings,
+    as_dict,
+    coerce,
+)
 from rs_lightning.tasks.text.training import PPOIteration
 
-CRITIC_FREE = ("sequence", "rloo")  # advantages without a value head
+# Group defaults (frozen dataclasses): module-level so the signature shows them and jsonargparse reads their fields.
+DEFAULT_LORA, DEFAULT_PPO, DEFAULT_KL = LoraSettings(), PPOSettings(), KLSettings()
+DEFAULT_ROLLOUT, DEFAULT_SCORING = RolloutSettings(), ScoringSettings()
 
 
 class TextPPOModule(PPOIteration, L.LightningModule):
-    """PPO + LoRA policy for text generation. Every argument is a config key (LightningCLI `model.init_args`).
+    """PPO + LoRA policy for text generation; every argument is a config key (LightningCLI `model.init_args`).
+
+    The settings come in groups (rs_lightning/tasks/text/settings.py documents each field), nested keys in a config
+    (`lora: {r: 8}`) or on the command line (`--model.init_args.ppo.lr 5e-4`); a group or a field not given keeps
+    its default. Python callers may give each group as its dataclass, a dict of some of its fields, or None.
 
     Args:
         model: HF causal LM id or local path, or "smollm2-135m-instruct" (offline default) or "tiny-random".
         rewards: the rewards to log (all of them, always); names must be unique.
         reward_weights: mu, aligned with `rewards`: the training reward is sum mu_k R_k / sum mu_k.
             None with one reward trains on it. An expert is one-hot, a MORL run is mixed.
-        reward_normalization: "none" (the paper: raw scores), "running" (z-score with running stats), "fixed".
-        reward_mean, reward_std: per-reward statistics for "fixed".
-        lora_r, lora_alpha, lora_dropout, target_modules: the LoRA (paper: 16, 16, 0.05, q/k/v/o).
-        init_adapter: start from this PEFT adapter (the paper's SFT LoRA).
-        kl_reference: "init" (default): the KL reference is the policy's starting point, i.e. a frozen copy of
-            `init_adapter`; "base": the base model with the adapter disabled, what the paper's TRL 0.4 did for a
-            PEFT policy (see policy.py). The same thing for a fresh LoRA.
-        lora_init_seed: seed of a fresh LoRA and of the value head, shared by every run of an experiment.
-        lr: Adam learning rate (paper 1.41e-5).
-        ppo_epochs, mini_batch_size: passes over each batch and their mini-batch size (paper 4, 4).
-        init_kl_coef, adaptive_kl, kl_target, kl_horizon: KL penalty (paper 0.2 (0.05 summaries), on, 6, 10000).
-        gamma, gae_lambda: GAE (1, 0.95; `lam` is only ever the soup weight). cliprange, cliprange_value, vf_coef:
-            PPO (0.2, 0.2, 0.1); the value ones only for GAE.
-        max_grad_norm: gradient clipping (None: off, as TRL 0.4).
-        whiten: "minibatch" (TRL 0.4, the paper) or "batch": where GAE advantages are whitened.
-        advantage: "gae" (the paper: GAE with a learned value head), or critic-free (no value head, one advantage
-            per response on all its tokens, PPO-clip policy loss): "sequence", z(R_i) - beta (KL_i - mean KL), a
-            batch baseline (rl/sequence.py); "rloo", R_i - beta KL_i minus the mean of the other rloo_k - 1
-            samples of the same prompt (rl/rloo.py). Both learn from the first iteration (short CPU runs).
-        rloo_k: samples per prompt for "rloo" (>= 2): each training batch of B prompts yields B * rloo_k responses.
-        response_length: (low, high) of max_new_tokens, drawn uniformly (paper 16..32).
-        length_sampling: "batch" (one length per batch) or "prompt" (one per prompt: the paper's loop drew TRL's
-            LengthSampler per query). With "rloo" the k samples of a prompt share its draw.
-        ignore_eos: generate past EOS as the paper does (every response has exactly its length).
-        top_k, top_p, temperature: rollout sampling (paper 0, 1.0, 1.0).
-        eval_max_new_tokens: greedy decoding length at validation/test (paper 32).
         dtype: policy weights dtype ("float32", "bfloat16").
-        reward_includes_prefix: rewards read the reference prefix that ends the query plus the continuation
-            (the paper's "response"), rather than the continuation alone.
-        reward_prompt_field: the batch field the rewards receive as their `prompts` (the context a reward model
-            reads): "prompts" (the templated query), "instructions" (the question: the paper's QA/assistant RMs
-            read "question [SEP] answer") or "inputs" (the article, for the summary RMs).
+        lora: the trainable LoRA: rank, alpha, dropout, target modules, initial adapter, init seed.
+        ppo: the PPO update: learning rate, epochs, mini-batch size, advantage estimator, clipping, whitening.
+        kl: the KL penalty: initial coefficient, adaptive controller, reference policy.
+        rollout: generation: training response lengths, sampling, EOS, evaluation length.
+        scoring: how rewards read a response (prefix, context field) and how their scores are normalised.
     """
 
     def __init__(
@@ -91,44 +84,20 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         model: str = "smollm2-135m-instruct",
         rewards: list[RewardMetric] | None = None,
         reward_weights: list[float] | None = None,
-        reward_normalization: str = "none",
-        reward_mean: list[float] | None = None,
-        reward_std: list[float] | None = None,
-        lora_r: int = 16,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.05,
-        target_modules: list[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),  # type: ignore[assignment]
-        init_adapter: str | None = None,
-        lora_init_seed: int = 0,
-        lr: float = 1.41e-5,
-        ppo_epochs: int = 4,
-        mini_batch_size: int = 4,
-        init_kl_coef: float = 0.2,
-        adaptive_kl: bool = True,
-        kl_target: float = 6.0,
-        kl_horizon: int = 10000,
-        gamma: float = 1.0,
-        gae_lambda: float = 0.95,
-        cliprange: float = 0.2,
-        cliprange_value: float = 0.2,
-        vf_coef: float = 0.1,
-        max_grad_norm: float | None = None,
-        whiten: str = "minibatch",
-        advantage: str = "gae",
-        rloo_k: int = 2,
-        kl_reference: str = "init",
-        response_length: tuple[int, int] = (16, 32),
-        length_sampling: str = "batch",
-        ignore_eos: bool = True,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
-        eval_max_new_tokens: int = 32,
         dtype: str = "float32",
-        reward_includes_prefix: bool = True,
-        reward_prompt_field: str = "prompts",
+        lora: LoraSettings = DEFAULT_LORA,
+        ppo: PPOSettings = DEFAULT_PPO,
+        kl: KLSettings = DEFAULT_KL,
+        rollout: RolloutSettings = DEFAULT_ROLLOUT,
+        scoring: ScoringSettings = DEFAULT_SCORING,
     ) -> None:
         super().__init__()
+        self.settings = TextSettings(lora=coerce("lora", lora), ppo=coerce("ppo", ppo), kl=coerce("kl", kl),
+                                     rollout=coerce("rollout", rollout), scoring=coerce("scoring", scoring))
+        # save_hyperparameters reads these arguments from this frame: rebound to plain dicts, so checkpoints,
+        # hparams.yaml and the front's config hash hold plain data whichever form a caller gave (the CLI gives
+        # its own config, where they are dicts already).
+        lora, ppo, kl, rollout, scoring = (as_dict(getattr(self.settings, g)) for g in GROUPS)
         self.save_hyperparameters(ignore=["rewards"])
         self.automatic_optimization = False
         if not rewards:
@@ -143,27 +112,17 @@ class TextPPOModule(PPOIteration, L.LightningModule):
                     "expert of the first reward or [0.5, 0.5] for MORL"
                 )
             reward_weights = [1.0]
-        fields = ("prompts", "instructions", "inputs")
-        for arg, value, choices in (("whiten", whiten, ("minibatch", "batch")),
-                                    ("advantage", advantage, ("gae", *CRITIC_FREE)),
-                                    ("kl_reference", kl_reference, ("init", "base")),
-                                    ("length_sampling", length_sampling, ("batch", "prompt")),
-                                    ("reward_prompt_field", reward_prompt_field, fields)):
-            if value not in choices:
-                raise ValueError(f"{arg} must be one of {choices}, got {value!r}")
-        if advantage == "rloo" and (not isinstance(rloo_k, int) or rloo_k < 2):
-            raise ValueError(f"rloo_k must be an integer >= 2 with advantage 'rloo' (the baseline of a sample is the "
-                             f"mean of the OTHER samples of its prompt), got {rloo_k!r}")
+        sc, klc = self.settings.scoring, self.settings.kl
         self.objective = MixtureReward(
-            {r.name: r for r in rewards}, list(reward_weights), normalization=reward_normalization,
-            mean=reward_mean, std=reward_std, name="total",
+            {r.name: r for r in rewards}, list(reward_weights), normalization=sc.normalization,
+            mean=sc.mean, std=sc.std, name="total",
         )
         self.reward_names = names
         self.val_means = nn.ModuleDict({n: MeanMetric() for n in [*names, "total"]})
         self.test_means = nn.ModuleDict({n: MeanMetric() for n in [*names, "total"]})
         self.kl_ctl = (
-            rl.AdaptiveKLController(init_kl_coef, kl_target, kl_horizon) if adaptive_kl
-            else rl.FixedKLController(init_kl_coef)
+            rl.AdaptiveKLController(klc.init_coef, klc.target, klc.horizon) if klc.adaptive
+            else rl.FixedKLController(klc.init_coef)
         )
         self.last_iteration: dict[str, Any] = {}  # texts, raw rewards and phase timings of the latest iteration
         self._build_policy()
@@ -173,19 +132,19 @@ class TextPPOModule(PPOIteration, L.LightningModule):
     def _build_policy(self) -> None:
         from rs_lightning.tasks.text.model_loading import load_causal_lm
 
-        hp = self.hparams
+        lora = self.settings.lora
         # "tiny-random" seeds torch to build its weights: keep the run's RNG stream (seed_everything) untouched.
         with torch.random.fork_rng(devices=[]):
-            base, self.tokenizer = load_causal_lm(hp.model, dtype=hp.dtype)
+            base, self.tokenizer = load_causal_lm(self.hparams.model, dtype=self.hparams.dtype)
         self.policy = pol.attach_lora(
-            base, r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout, target_modules=hp.target_modules,
-            init_adapter=hp.init_adapter, lora_init_seed=hp.lora_init_seed,
-            frozen_reference=hp.kl_reference == "init",  # "base" disables the adapter instead: no copy to load
+            base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+            init_adapter=lora.init_adapter, lora_init_seed=lora.init_seed,
+            frozen_reference=self.settings.kl.reference == "init",  # "base" disables the adapter: no copy to load
         )
         # Critic-free advantages use no value estimate: a value head there would still be trained (vf_coef x its
         # loss) and, reading the decoder's hidden states, push the LoRA with a loss the policy does not need.
-        self.value_head = (None if hp.advantage in CRITIC_FREE
-                           else pol.make_value_head(base.config.hidden_size, hp.lora_init_seed))
+        self.value_head = (None if self.settings.ppo.critic_free
+                           else pol.make_value_head(base.config.hidden_size, lora.init_seed))
         self.policy.train()  # from_pretrained returns eval mode; rollouts switch to eval explicitly
 
     def configure_model(self) -> None:
@@ -198,7 +157,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr)
+        return torch.optim.Adam(params, lr=self.settings.ppo.lr)
 
     # -- rollouts and rewards (training: training.py) --------------------------------------------------------
 
@@ -206,14 +165,14 @@ class TextPPOModule(PPOIteration, L.LightningModule):
                 with_logprobs: bool = False) -> Rollout:
         """Responses of the current policy (eval mode) to a batch of left-padded queries; see `rollout.generate`
         (`with_logprobs`: the sampling pass's own log-probs of the response tokens)."""
-        hp = self.hparams
+        ro = self.settings.rollout
         was_training = self.policy.training
         self.policy.eval()  # no dropout while sampling and scoring the behaviour policy
         try:
             with fsdp.generation_context(self.policy):
                 return generate(
                     self.policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], lengths, greedy=greedy,
-                    top_k=hp.top_k, top_p=hp.top_p, temperature=hp.temperature, ignore_eos=ignore_eos,
+                    top_k=ro.top_k, top_p=ro.top_p, temperature=ro.temperature, ignore_eos=ignore_eos,
                     with_logprobs=with_logprobs,
                 )
         finally:
@@ -222,13 +181,13 @@ class TextPPOModule(PPOIteration, L.LightningModule):
     def reward_texts(self, batch: dict[str, Any], texts: list[str]) -> list[str]:
         """What the rewards read as the response: the reference prefix (if any) plus the continuation."""
         prefixes = batch.get("prefixes")
-        if not self.hparams.reward_includes_prefix or not prefixes:
+        if not self.settings.scoring.includes_prefix or not prefixes:
             return texts
         return [(p or "") + t for p, t in zip(prefixes, texts)]
 
     def score(self, batch: dict[str, Any], texts: list[str]) -> dict[str, Tensor]:
         """Raw scores {name: [B]} of every reward for the decoded continuations `texts` of `batch`."""
-        contexts = batch.get(self.hparams.reward_prompt_field) or batch["prompts"]
+        contexts = batch.get(self.settings.scoring.prompt_field) or batch["prompts"]
         return self.objective.score_components(list(contexts), self.reward_texts(batch, texts),
                                                batch.get("references"))
 
@@ -237,7 +196,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         sampler, `eval_max_new_tokens` tokens), differentiable in the trainable (LoRA) weights: what `rs fisher`
         squares and averages (rs_lightning.fisher). Eval mode: no dropout."""
         n = len(batch["prompts"])
-        ro = self.rollout(batch, greedy=False, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        ro = self.rollout(batch, greedy=False, lengths=self._eval_lengths(n), ignore_eos=False)
         was_training = self.policy.training
         self.policy.eval()
         try:
@@ -245,6 +204,10 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         finally:
             self.policy.train(was_training)
         return (logprobs * ro.response_mask.to(logprobs.dtype)).sum(1)
+
+    def _eval_lengths(self, n: int) -> list[int]:
+        """Response lengths of `n` evaluation responses (greedy decoding, `rs fisher`'s samples)."""
+        return [self.settings.rollout.eval_max_new_tokens] * n
 
     # -- evaluation -----------------------------------------------------------------------------------------
 
@@ -270,7 +233,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], means: nn.ModuleDict, stage: str) -> dict[str, dict[str, Tensor]]:
         n = len(batch["prompts"])
-        lengths = [self.hparams.eval_max_new_tokens] * n
+        lengths = self._eval_lengths(n)
         ensemble = getattr(self, "_ensemble", None)
         if ensemble is not None:
             members, weights = ensemble
@@ -295,7 +258,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         what `rs serve` shows for the soup of the moment (the values `test_step` scores)."""
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         n = len(batch["prompts"])
-        ro = self.rollout(batch, greedy=True, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        ro = self.rollout(batch, greedy=True, lengths=self._eval_lengths(n), ignore_eos=False)
         components = self.score(batch, ro.texts)
         return list(ro.texts), {name: values.float().cpu().tolist() for name, values in components.items()}
 
@@ -307,7 +270,7 @@ class TextPPOModule(PPOIteration, L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         n = len(batch["prompts"])
-        ro = self.rollout(batch, greedy=True, lengths=[self.hparams.eval_max_new_tokens] * n, ignore_eos=False)
+        ro = self.rollout(batch, greedy=True, lengths=self._eval_lengths(n), ignore_eos=False)
         return [{"prompt": p, "response": r} for p, r in zip(batch["prompts"], ro.texts)]
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -326,8 +289,8 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         if unknown:
             hint = ""
             if self.value_head is None and any(k.startswith("value_head.") for k in unknown):
-                hint = (f" (value_head.*: a run with a value head, but advantage={self.hparams.advantage!r} builds "
-                        "none; resume it with the advantage it was trained with)")
+                hint = (f" (value_head.*: a run with a value head, but advantage={self.settings.ppo.advantage!r} "
+                        "builds none; resume it with the advantage it was trained with)")
             raise KeyError(f"checkpoint holds {len(unknown)} keys this module does not have, e.g. {unknown[:3]}{hint}")
         # The frozen base weights are not in the checkpoint: fill them from the freshly built module.
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}

@@ -1,9 +1,9 @@
 """The text policy: a causal LM with a trainable LoRA, its frozen KL reference, and (for GAE) a scalar value head.
 
-- Fresh LoRA: created under a fixed `lora_init_seed` (independent of the run's seed), so every expert and
+- Fresh LoRA: created under a fixed `lora.init_seed` (independent of the run's seed), so every expert and
   MORL run of an experiment starts from the SAME A and B at step 0. A soup of factors is only meaningful
   from a shared theta_0. Its KL reference is the base model itself, reached by disabling the adapter.
-- Existing adapter (the paper starts PPO from an SFT LoRA, Alpaca-LoRA), KL reference `kl_reference`:
+- Existing adapter (the paper starts PPO from an SFT LoRA, Alpaca-LoRA), KL reference `kl.reference`:
   "init" (our default): the adapter is loaded twice, once as the trainable "default" adapter and once, frozen,
   as the "reference" adapter, so the KL is measured to the SFT policy (no second copy of the base weights);
   "base": loaded once, and the reference is the base model with the adapter disabled. "base" is what the paper
@@ -92,7 +92,7 @@ def reference_policy(model: nn.Module, kind: str = "init") -> Iterator[None]:
     when there is one (else the base model: a fresh LoRA starts as the base model); with kind "base", the base
     model (every adapter disabled)."""
     if kind not in ("init", "base"):
-        raise ValueError(f"kl_reference must be 'init' or 'base', got {kind!r}")
+        raise ValueError(f"model.kl.reference must be 'init' or 'base', got {kind!r}")
     adapters = getattr(model, "peft_config", {})
     if kind == "init" and REFERENCE_ADAPTER in adapters:
         # inference_mode: switching adapters must not make the reference trainable, even for a moment.
