@@ -83,7 +83,7 @@ def test_status_before_anything_ran(tmp_path, capsys):
 def test_every_shipped_plan_parses_and_expands(tmp_path, monkeypatch):
     monkeypatch.setenv("COCO", "/data/coco")
     plans = sorted(PLAN_ROOT.glob("*.yaml"))
-    assert {p.stem for p in plans} >= {"quick", "demo", "news_summary", "coco_captioning"}
+    assert {p.stem for p in plans} >= {"quick", "demo", "review", "news_summary", "coco_captioning"}
     for path in plans:
         stages = load_plan(path, out=tmp_path / path.stem).stages()
         assert stages[-1].kind == "front", path
