@@ -59,6 +59,9 @@ def locate(recorded: str, recorded_run: str | None, run_dir: Path) -> str:
                      "the run folder's move would have put it: restore the checkpoints or re-run `rs front`")
 
 
+CAPTIONING_MODULE = "rs_lightning.tasks.captioning.module.CaptioningModule"
+
+
 def _read_config(run_dir: Path) -> dict:
     import yaml
 
@@ -73,6 +76,12 @@ def _read_config(run_dir: Path) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("front"), dict):
         raise FrontError(f"{path} has no 'front' section: not the config of an `rs front` run")
     cfg.pop("config", None)  # the paths of the YAML files it was merged from: not needed, maybe gone
+    model = cfg.get("model")
+    if isinstance(model, dict) and model.get("class_path") == CAPTIONING_MODULE \
+            and isinstance(model.get("init_args"), dict):
+        from rs_lightning.tasks.captioning.settings import upgrade_flat_keys
+
+        model["init_args"] = upgrade_flat_keys(model["init_args"])  # a run made before the settings had groups
     return cfg
 
 
