@@ -41,8 +41,8 @@ def _module(vocab: str, refs):
     from rs_lightning.tasks.captioning.module import CaptioningModule
 
     torch.manual_seed(0)
-    module = CaptioningModule(stage="scst", rewards=["bleu1"], vocab=vocab, num_samples=SAMPLES,
-                              max_length=MAX_LENGTH, eval_metrics=["bleu1"], corpus_metrics=False)
+    module = CaptioningModule(stage="scst", rewards=["bleu1"], vocab=vocab, scst={"num_samples": SAMPLES},
+                              decoding={"max_length": MAX_LENGTH}, eval_metrics=["bleu1"], corpus_metrics=False)
     if vocab == "train":
         module.vocab_ids = vocab_from_references(module.tokenizer, refs)
     module.log = lambda *args, **kwargs: None  # no Trainer here: logging is not what we measure

@@ -82,8 +82,9 @@ def test_bad_mixtures_are_refused(members):
 def test_the_module_captions_with_the_ensemble_and_back():
     from rs_lightning.tasks.captioning.module import CaptioningModule
 
-    module = CaptioningModule(model="coca-tiny", stage="scst", rewards=["bleu1"], vocab="full", max_length=6,
-                              eval_metrics=["bleu1"], corpus_metrics=False, eval_decoding="greedy")
+    module = CaptioningModule(model="coca-tiny", stage="scst", rewards=["bleu1"], vocab="full",
+                              eval_metrics=["bleu1"], corpus_metrics=False,
+                              decoding={"max_length": 6, "eval_decoding": "greedy"})
     with torch.no_grad():
         module.model.text_decoder.text_projection.normal_(0.0, 1.0)
     images = torch.randn(3, 3, 64, 64)
@@ -111,8 +112,8 @@ def test_front_ensemble_rows_and_their_hypervolume(tmp_path):
     cfg = {
         "model": {"class_path": "rs_lightning.tasks.captioning.module.CaptioningModule",
                   "init_args": {"model": "coca-tiny", "stage": "scst", "rewards": ["bleu1"], "vocab": "train",
-                                "max_length": 6, "eval_metrics": ["bleu1", "rouge_l"], "corpus_metrics": False,
-                                "eval_decoding": "greedy"}},
+                                "decoding": {"max_length": 6, "eval_decoding": "greedy"},
+                                "eval_metrics": ["bleu1", "rouge_l"], "corpus_metrics": False}},
         "data": {"class_path": "rs_lightning.tasks.captioning.data.CaptionDataModule",
                  "init_args": {"source": "synthetic", "model": "coca-tiny", "num_train": 16, "num_val": 4,
                                "num_test": 6, "batch_size": 4, "eval_batch_size": 6}},

@@ -20,9 +20,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "captioning"
 COLOURS = ("red", "green", "blue", "yellow")
 
 
-def _from_config(name: str, **model_overrides):
+def _from_config(name: str, decoding: dict | None = None, **model_overrides):
+    """The config's module with `model_overrides` (top-level keys) and `decoding` (fields of that group) set."""
     cfg = yaml.safe_load((CONFIGS / name).read_text())
-    model = CaptioningModule(**{**cfg["model"]["init_args"], "corpus_metrics": False, **model_overrides})
+    args = {**cfg["model"]["init_args"], "corpus_metrics": False, **model_overrides}
+    args["decoding"] = {**args.get("decoding", {}), **(decoding or {})}
+    model = CaptioningModule(**args)
     return model, CaptionDataModule(**cfg["data"]["init_args"]), cfg["trainer"]["max_epochs"]
 
 
@@ -41,7 +44,7 @@ def test_xe_then_scst_bleu1(tmp_path):
     torch.set_num_threads(1)
     init = tmp_path / "init.safetensors"
     L.seed_everything(0)
-    module, dm, epochs = _from_config("xe_init.yaml", eval_decoding="beam")
+    module, dm, epochs = _from_config("xe_init.yaml", decoding={"eval_decoding": "beam"})
     _trainer(max_epochs=epochs, callbacks=[ExportCaptioner(str(init))]).fit(module, dm)
     xe = _test(module, dm)
 

@@ -15,10 +15,12 @@ from rs_lightning.tasks.captioning.data import CaptionDataModule
 from rs_lightning.tasks.captioning.export import ExportCaptioner, read_metadata
 from rs_lightning.tasks.captioning.model import load_weights
 from rs_lightning.tasks.captioning.module import CaptioningModule
+from rs_lightning.tasks.captioning.settings import GROUPS, coerce
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "captioning"
 FAST = dict(eval_metrics=["bleu1", "bleu4", "rouge_l", "cider_d"], corpus_metrics=False, vocab="train",
-            max_length=16)
+            decoding={"max_length": 16})
+FAST_GREEDY = {**FAST, "decoding": {"max_length": 16, "eval_decoding": "greedy"}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
@@ -45,15 +47,15 @@ def xe_init(tmp_path_factory):
     """A tiny CoCa trained with XE for 100 steps (batch 16) on the synthetic set, exported as safetensors."""
     path = tmp_path_factory.mktemp("xe") / "init" / "model.safetensors"
     L.seed_everything(0)
-    module = CaptioningModule(stage="xe", lr=2e-3, warmup_steps=10, anneal=1.0, eval_decoding="greedy", **FAST)
+    module = CaptioningModule(stage="xe", optim={"lr": 2e-3, "warmup_steps": 10, "anneal": 1.0}, **FAST_GREEDY)
     _trainer(max_steps=100, callbacks=[ExportCaptioner(str(path))]).fit(module, _data())
     return path
 
 
 def test_xe_captions_held_out_images_far_above_an_untrained_model(xe_init):
     dm = _data()
-    untrained = _test(CaptioningModule(stage="xe", eval_decoding="greedy", **FAST), dm)
-    trained = _test(CaptioningModule(stage="xe", eval_decoding="greedy", init_checkpoint=str(xe_init), **FAST), dm)
+    untrained = _test(CaptioningModule(stage="xe", **FAST_GREEDY), dm)
+    trained = _test(CaptioningModule(stage="xe", init_checkpoint=str(xe_init), **FAST_GREEDY), dm)
     assert untrained["test/reward/cider_d"] < 0.05
     assert trained["test/reward/cider_d"] > 0.3 and trained["test/reward/bleu1"] > 0.4
 
@@ -143,7 +145,7 @@ def test_logged_meteor_and_corpus_metrics_equal_pycocoevalcap(xe_init):
 def _expert(xe_init, out: Path, rewards, weights=None, baseline="leave_one_out") -> tuple[CaptioningModule, Path]:
     L.seed_everything(0)
     module = CaptioningModule(stage="scst", rewards=rewards, reward_weights=weights, init_checkpoint=str(xe_init),
-                              lr=1e-4, num_samples=3, baseline=baseline, **FAST)
+                              optim={"lr": 1e-4}, scst={"num_samples": 3, "baseline": baseline}, **FAST)
     _trainer(max_steps=2, callbacks=[ExportCaptioner(str(out))]).fit(module, _data(batch_size=4))
     return module, out
 
@@ -186,7 +188,7 @@ def test_cli_xe_then_scst_configs(tmp_path, monkeypatch):
     assert read_metadata(init)["stage"] == "xe"
     for config in ("scst_bleu1.yaml", "scst_morl_bleu1_rouge_l.yaml"):
         expert = tmp_path / config.replace(".yaml", ".safetensors")
-        _cli(config, *small, f"--model.init_args.init_checkpoint={init}", "--model.init_args.num_samples=2",
+        _cli(config, *small, f"--model.init_args.init_checkpoint={init}", "--model.init_args.scst.num_samples=2",
              _export(expert))
         meta = read_metadata(expert)
         assert meta["init_checkpoint"] == str(init) and meta["stage"] == "scst"
@@ -215,6 +217,8 @@ def test_every_config_matches_the_module_signature():
             unknown = set(cfg[key].get("init_args", {})) - set(inspect.signature(cls.__init__).parameters)
             assert not unknown, (path.name, unknown)
         args = cfg["model"]["init_args"]
+        for group in GROUPS:  # a group's keys are its fields: coerce names any other
+            coerce(group, args.get(group))
         if args.get("stage") == "scst" and len(args.get("rewards", [])) > 1:
             assert len(args["reward_weights"]) == len(args["rewards"]), path.name
 

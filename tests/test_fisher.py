@@ -69,7 +69,7 @@ def caption_expert(tmp_path_factory):
     config.write_text("""
 model:
   class_path: rs_lightning.tasks.captioning.module.CaptioningModule
-  init_args: {model: coca-tiny, stage: scst, rewards: [bleu1], vocab: train, max_length: 8,
+  init_args: {model: coca-tiny, stage: scst, rewards: [bleu1], vocab: train, decoding: {max_length: 8},
                eval_metrics: [bleu1], corpus_metrics: false}
 data:
   class_path: rs_lightning.tasks.captioning.data.CaptionDataModule

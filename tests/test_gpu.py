@@ -235,7 +235,8 @@ def test_captioning_scst_steps_on_gpu(tmp_path):
 
     L.seed_everything(0)
     module = CaptioningModule(stage="scst", rewards=["bleu1", "rouge_l"], reward_weights=[0.5, 0.5],
-                              eval_metrics=["bleu1", "rouge_l"], corpus_metrics=False, vocab="train", max_length=16)
+                              eval_metrics=["bleu1", "rouge_l"], corpus_metrics=False, vocab="train",
+                              decoding={"max_length": 16})
     data = CaptionDataModule(num_train=64, num_val=8, num_test=16, batch_size=16, eval_batch_size=16, seed=0)
     before = {n: t.detach().clone() for n, t in module.soup_state_dict().items()}
     trainer = _trainer(tmp_path, 3)

@@ -14,7 +14,7 @@ whose policies are nearly deterministic after SCST (beam-5 and greedy scores agr
 ROUGE-L expert then scores below the init on ROUGE-L (-0.028 [-0.045, -0.014]) although SCST raised its greedy
 ROUGE-L by +0.029 [+0.009, +0.048] (SCST optimises the reward of sampled captions; the greedy caption is the mode
 of that policy). The demo reports the policies SCST trained, greedily decoded;
-`--model.init_args.eval_decoding beam` in the sweep config gives beam 5.
+`--model.init_args.decoding.eval_decoding beam` in the sweep config gives beam 5.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ METRIC_RANGE = {"cider_d": (0.0, 10.0)}
 # its interval [-0.003, +0.068] (the previous recipe: 2 SCST epochs). Greedy decoding of 600 + 150 images costs
 # seconds per point.
 SWEEP_IMAGES = {"default": {"num_test": 600, "num_val": 150}, "quick": {}}
+# Overrides per profile: "<section>.<key>[.<field>...]" is the path under the section's init_args (the module's
+# settings groups are nested: "model.decoding.max_length"); "xe_epochs"/"scst_epochs" are trainer.max_epochs.
 PROFILES = {
     "default": {},
     "quick": {"data.num_train": 64, "data.num_test": 16, "data.num_val": 8, "data.eval_batch_size": 16,
@@ -55,11 +57,21 @@ def _load(name: str) -> dict:
 
 
 def _apply(config: dict, settings: dict) -> dict:
+    """`config` with the profile's "<section>.<key>[.<field>...]" overrides set (the other profile keys are not
+    config keys). A model key is set only where the config has it (the XE config has no `scst` group, say); a
+    group the config leaves out is made, and keeps its defaults for the fields not set."""
     for dotted, value in settings.items():
-        if "." in dotted and dotted.split(".")[0] in ("model", "data"):
-            section, key = dotted.split(".")
-            if key in config[section]["init_args"] or section == "data":
-                config[section]["init_args"][key] = value
+        section, *path = dotted.split(".")
+        if section not in ("model", "data") or not path:
+            continue
+        node = config[section]["init_args"]
+        if section == "model" and path[0] not in node:
+            continue
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"profile override {dotted!r}: {key!r} is not a group of settings")
+        node[path[-1]] = value
     return config
 
 
@@ -68,7 +80,8 @@ def _run(config: dict, run_dir: Path, output: Path, seed: int, epochs: int | Non
     config = copy.deepcopy(config)
     config["seed_everything"] = seed
     if config["model"]["init_args"].get("stage") == "scst":
-        config["model"]["init_args"]["sample_seed"] = seed  # the data seed stays: it defines the dataset
+        # The SCST samples follow the run's seed; the data seed stays: it defines the dataset.
+        config["model"]["init_args"].setdefault("scst", {})["sample_seed"] = seed
     trainer = config["trainer"]
     trainer["default_root_dir"] = str(run_dir)
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -114,7 +127,7 @@ def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: 
     xe["data"]["init_args"]["shuffle_seed"] = seed  # same images and captions, another order
     scst = _apply(_load("scst_morl_bleu1_rouge_l.yaml"), settings)
     scst["data"]["init_args"]["shuffle_seed"] = seed
-    scst["model"]["init_args"]["eval_decoding"] = "greedy"  # see the module docstring
+    scst["model"]["init_args"].setdefault("decoding", {})["eval_decoding"] = "greedy"  # see the module docstring
     scst["model"]["init_args"]["rewards"] = list(rewards)  # mu (reward_weights) is set per run below
     scst_epochs = iterations or settings.get("scst_epochs")
     init_path = out / "init" / "model.safetensors"

@@ -59,7 +59,9 @@ def locate(recorded: str, recorded_run: str | None, run_dir: Path) -> str:
                      "the run folder's move would have put it: restore the checkpoints or re-run `rs front`")
 
 
-TEXT_MODULE = "rs_lightning.tasks.text.module.TextPPOModule"
+# Runs made before the modules' settings had groups: their flat keys move into the groups when read.
+UPGRADES = {"rs_lightning.tasks.text.module.TextPPOModule": "rs_lightning.tasks.text.settings",
+            "rs_lightning.tasks.captioning.module.CaptioningModule": "rs_lightning.tasks.captioning.settings"}
 
 
 def _read_config(run_dir: Path) -> dict:
@@ -77,10 +79,11 @@ def _read_config(run_dir: Path) -> dict:
         raise FrontError(f"{path} has no 'front' section: not the config of an `rs front` run")
     cfg.pop("config", None)  # the paths of the YAML files it was merged from: not needed, maybe gone
     model = cfg.get("model")
-    if isinstance(model, dict) and model.get("class_path") == TEXT_MODULE and isinstance(model.get("init_args"), dict):
-        from rs_lightning.tasks.text.settings import upgrade_flat_keys
+    if isinstance(model, dict) and model.get("class_path") in UPGRADES and isinstance(model.get("init_args"), dict):
+        import importlib
 
-        model["init_args"] = upgrade_flat_keys(model["init_args"])  # a run made before the settings had groups
+        upgrade_flat_keys = importlib.import_module(UPGRADES[model["class_path"]]).upgrade_flat_keys
+        model["init_args"] = upgrade_flat_keys(model["init_args"])
     return cfg
 
 

@@ -1,17 +1,19 @@
 """`CaptioningModule`: a CoCa captioner trained with cross-entropy (stage "xe") or SCST (stage "scst").
 
+The settings named here are the groups of settings.py (`scst.num_samples` is the config key
+`model.init_args.scst.num_samples`):
 - "xe": teacher-forced cross-entropy on every reference caption of each image (the image is encoded once);
   this trains the shared initialisation of the experts, exported with `export.ExportCaptioner`.
-- "scst": self-critical sequence training as in the paper's captioner: `num_samples` (5) captions sampled per
-  image, reward = one metric or the MORL mixture sum_i mu_i R_i / sum_i mu_i (`reward_weights` = mu), baseline
-  = the mean reward of the other k-1 samples (or the greedy caption's reward), loss = -(r - b) * sum_t log p_t
-  averaged over samples. SCST runs start from the XE export through `init_checkpoint`.
-Optimiser: RAdam (0.9, 0.98), eps 1e-9, lr with warm-up and x0.8 per epoch down to 5e-7 (`schedule.py`).
-Evaluation decodes with beam search (beam 5) or greedily and logs `val|test/reward/<name>` for every metric
-(mean per-caption score: BLEU/METEOR differ from the corpus-level numbers; CIDEr-D takes df over the evaluated
-split, which makes it pycocoevalcap's corpus CIDEr-D), and at test end `test/coco/<name>`, pycocoevalcap's
-corpus metrics (PTB tokenizer; fast tokenizer and no METEOR without Java). The soup target is the CoCa's full
-state dict (`soup_state_dict`).
+- "scst": self-critical sequence training as in the paper's captioner: `scst.num_samples` (5) captions sampled
+  per image, reward = one metric or the MORL mixture sum_i mu_i R_i / sum_i mu_i (`reward_weights` = mu),
+  baseline = the mean reward of the other k-1 samples (or the greedy caption's reward), loss =
+  -(r - b) * sum_t log p_t averaged over samples. SCST runs start from the XE export through `init_checkpoint`.
+Optimiser (`optim`): RAdam (0.9, 0.98), eps 1e-9, lr with warm-up and x0.8 per epoch down to 5e-7 (`schedule.py`).
+Evaluation (`decoding`) decodes with beam search (beam 5) or greedily and logs `val|test/reward/<name>` for
+every metric (mean per-caption score: BLEU/METEOR differ from the corpus-level numbers; CIDEr-D takes df over the
+evaluated split, which makes it pycocoevalcap's corpus CIDEr-D), and at test end `test/coco/<name>`,
+pycocoevalcap's corpus metrics (PTB tokenizer; fast tokenizer and no METEOR without Java). The soup target is the
+CoCa's full state dict (`soup_state_dict`).
 """
 
 from __future__ import annotations
@@ -39,13 +41,31 @@ from rs_lightning.tasks.captioning.model import (
     vocab_from_references,
 )
 from rs_lightning.tasks.captioning.schedule import configure_radam
+from rs_lightning.tasks.captioning.settings import (
+    GROUPS,
+    CaptioningSettings,
+    CLIPSettings,
+    DecodingSettings,
+    OptimSettings,
+    SCSTSettings,
+    as_dict,
+    coerce,
+)
 from rs_lightning.tasks.ensemble import EnsembleMembers
 
 DEFAULT_EVAL_METRICS = ("bleu1", "bleu4", "rouge_l", "cider_d", "meteor")
+# Group defaults (frozen dataclasses): module-level so the signature shows them and jsonargparse reads their fields.
+DEFAULT_OPTIM, DEFAULT_DECODING, DEFAULT_SCST, DEFAULT_CLIP = (OptimSettings(), DecodingSettings(), SCSTSettings(),
+                                                               CLIPSettings())
 
 
 class CaptioningModule(L.LightningModule):
-    """CoCa captioner, XE or SCST. Every argument is a config key (LightningCLI `model.init_args`).
+    """CoCa captioner, XE or SCST; every argument is a config key (LightningCLI `model.init_args`).
+
+    The settings beyond what a run varies per expert come in groups (rs_lightning/tasks/captioning/settings.py
+    documents each field), nested keys in a config (`decoding: {eval_decoding: greedy}`) or on the command line
+    (`--model.init_args.optim.lr 1e-4`); a group or a field not given keeps its default. Python callers may give
+    each group as its dataclass, a dict of some of its fields, or None.
 
     Args:
         model: open_clip CoCa config ("coca-tiny" offline, "coca_ViT-L-14", ...).
@@ -57,18 +77,14 @@ class CaptioningModule(L.LightningModule):
         reward_weights: mu aligned with `rewards` (None: one reward, weight 1). One-hot: expert; mixed: MORL.
         eval_metrics: metrics logged at evaluation (default bleu1, bleu4, rouge_l, cider_d, meteor when Java is
             present, plus the training rewards).
-        num_samples: SCST captions sampled per image (paper 5).
-        baseline: "leave_one_out" (paper) or "greedy".
-        max_length: most generated tokens per caption, EOT included (paper 20); also for evaluation.
-        eval_decoding: "beam" or "greedy". beam_size: paper 5. length_penalty: beam score / length**p.
         vocab: "full" (CoCa's 49408 BPE ids) or "train" (ids of the training references, + EOT).
         freeze_visual: keep the image tower fixed (the paper's default froze its backbone).
-        lr, betas, eps, weight_decay: RAdam (paper SCST: 1e-5, (0.9, 0.98), 1e-9, 0).
-        warmup_steps, anneal, anneal_every, min_lr: schedule (1, 0.8 per epoch, None = one epoch, 5e-7).
-        label_smoothing: XE label smoothing.
         corpus_metrics: log pycocoevalcap corpus metrics at test end.
-        clip_model, clip_pretrained: the CLIP behind "clipscore".
-        sample_seed: seeds SCST sampling (per step and rank, so a resumed run draws the same captions).
+        optim: the RAdam optimiser, its warm-up/anneal schedule and the XE label smoothing.
+        decoding: caption generation: maximum length, evaluation by beam search or greedily, beam size, length
+            penalty.
+        scst: SCST: samples per image, baseline, sampling seed.
+        clip: the CLIP behind the "clipscore" reward and metric.
     """
 
     def __init__(
@@ -81,37 +97,25 @@ class CaptioningModule(L.LightningModule):
         rewards: list[str] = ("cider_d",),  # type: ignore[assignment]
         reward_weights: list[float] | None = None,
         eval_metrics: list[str] | None = None,
-        num_samples: int = 5,
-        baseline: str = "leave_one_out",
-        max_length: int = 20,
-        eval_decoding: str = "beam",
-        beam_size: int = 5,
-        length_penalty: float = 1.0,
         vocab: str = "full",
         freeze_visual: bool = False,
-        lr: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-9,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 1,
-        anneal: float = 0.8,
-        anneal_every: int | None = None,
-        min_lr: float = 5e-7,
-        label_smoothing: float = 0.0,
         corpus_metrics: bool = True,
-        clip_model: str = "clip-tiny",
-        clip_pretrained: str | None = None,
-        sample_seed: int = 0,
+        optim: OptimSettings = DEFAULT_OPTIM,
+        decoding: DecodingSettings = DEFAULT_DECODING,
+        scst: SCSTSettings = DEFAULT_SCST,
+        clip: CLIPSettings = DEFAULT_CLIP,
     ) -> None:
         super().__init__()
+        self.settings = CaptioningSettings(optim=coerce("optim", optim), decoding=coerce("decoding", decoding),
+                                           scst=coerce("scst", scst), clip=coerce("clip", clip))
+        # save_hyperparameters reads these arguments from this frame: rebound to plain dicts, so checkpoints,
+        # hparams.yaml and the front's config hash hold plain data whichever form a caller gave (the CLI gives
+        # its own config, where they are dicts already).
+        optim, decoding, scst, clip = (as_dict(getattr(self.settings, g)) for g in GROUPS)
         self.save_hyperparameters()
-        checks = {"stage": (stage, ("xe", "scst")), "baseline": (baseline, ("leave_one_out", "greedy")),
-                  "eval_decoding": (eval_decoding, ("beam", "greedy")), "vocab": (vocab, ("full", "train"))}
-        for key, (value, allowed) in checks.items():
+        for key, value, allowed in (("stage", stage, ("xe", "scst")), ("vocab", vocab, ("full", "train"))):
             if value not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
-        if baseline == "leave_one_out" and num_samples < 2:
-            raise ValueError("the leave-one-out baseline needs num_samples >= 2")
+                raise ValueError(f"model.{key} must be one of {allowed}, got {value!r}")
         rewards = list(rewards)
         if reward_weights is None and len(rewards) != 1:
             raise ValueError(f"{len(rewards)} rewards {rewards} need model.reward_weights (mu)")
@@ -120,7 +124,7 @@ class CaptioningModule(L.LightningModule):
             raise ValueError(f"got {len(self.reward_weights)} reward_weights for rewards {rewards}")
         metrics = list(eval_metrics) if eval_metrics is not None else [
             m for m in DEFAULT_EVAL_METRICS if m != "meteor" or shutil.which("java")]
-        options = {"clipscore": dict(model=clip_model, pretrained=clip_pretrained)}
+        options = {"clipscore": dict(model=self.settings.clip.model, pretrained=self.settings.clip.pretrained)}
         # XE needs no reward: skip building them (CIDEr-D df over 113k COCO images is not free).
         train = rewards if stage == "scst" else []
         metrics += [r for r in train if r not in metrics]
@@ -211,14 +215,14 @@ class CaptioningModule(L.LightningModule):
         return mixture, [encode_images(m, images) for m, w in zip(members, weights) if w > 0]
 
     def configure_optimizers(self):
-        hp = self.hparams
-        every = hp.anneal_every
+        opt = self.settings.optim
+        every = opt.anneal_every
         if every is None:
             _ = self.trainer.estimated_stepping_batches  # loads the train loader, so num_training_batches is set
             every = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return configure_radam(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
-                               warmup_steps=hp.warmup_steps, anneal=hp.anneal, min_lr=hp.min_lr,
+        return configure_radam(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                               warmup_steps=opt.warmup_steps, anneal=opt.anneal, min_lr=opt.min_lr,
                                steps_per_epoch=every)
 
     @contextlib.contextmanager
@@ -241,7 +245,7 @@ class CaptioningModule(L.LightningModule):
         counts = torch.tensor([len(r) for r in refs], device=self.device)
         captions = self.tokenizer.encode([c for r in refs for c in r]).to(self.device)
         embs = encode_images(self.model, batch["images"]).repeat_interleave(counts, dim=0)
-        loss = self.decoder().xe_loss(embs, captions, self.hparams.label_smoothing)
+        loss = self.decoder().xe_loss(embs, captions, self.settings.optim.label_smoothing)
         self.log("train/xe_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(refs))
         return loss
 
@@ -250,8 +254,9 @@ class CaptioningModule(L.LightningModule):
 
     def scst_step(self, batch: dict[str, Any]) -> Tensor:
         """One SCST loss: k samples per image `[B*k, T]`, rewards and baseline `[B, k]`, 0-dim loss."""
-        hp, images, refs = self.hparams, batch["images"], batch["references"]
-        b, k = len(refs), hp.num_samples
+        sc, images, refs = self.settings.scst, batch["images"], batch["references"]
+        max_length = self.settings.decoding.max_length
+        b, k = len(refs), sc.num_samples
         decoder = self.decoder()
         embs = encode_images(self.model, images)
         samples_embs = embs.repeat_interleave(k, dim=0)
@@ -259,19 +264,19 @@ class CaptioningModule(L.LightningModule):
         # Seeded per training batch (not per optimizer step: gradient accumulation) and rank, so a resumed run
         # draws the same captions as an uninterrupted one.
         batches = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
-        generator.manual_seed(hp.sample_seed * 1_000_003 + batches * 7919 + self.global_rank)
+        generator.manual_seed(sc.sample_seed * 1_000_003 + batches * 7919 + self.global_rank)
         with self._eval_mode():
-            sampled = decoder.generate(samples_embs.detach(), hp.max_length, generator=generator)
+            sampled = decoder.generate(samples_embs.detach(), max_length, generator=generator)
         texts = self.tokenizer.decode_batch(sampled.tokens)
         needs_images = self.objective.needs_images
         components = self._rewards(texts, [r for r in refs for _ in range(k)],
                                    images.repeat_interleave(k, dim=0) if needs_images else None)
         total = self.objective.combine(components).view(b, k)
-        if hp.baseline == "leave_one_out":
+        if sc.baseline == "leave_one_out":
             baseline = scst.leave_one_out_baseline(total)
         else:
             with self._eval_mode():
-                greedy = decoder.generate(embs.detach(), hp.max_length, greedy=True)
+                greedy = decoder.generate(embs.detach(), max_length, greedy=True)
             greedy_texts = self.tokenizer.decode_batch(greedy.tokens)
             greedy_total = self.objective.combine(self._rewards(greedy_texts, refs, images if needs_images else None))
             baseline = scst.greedy_baseline(total, greedy_total)
@@ -290,16 +295,16 @@ class CaptioningModule(L.LightningModule):
     def fisher_log_likelihood(self, batch: dict[str, Any]) -> Tensor:
         """Per image `[B]`: log p(caption | image) of one caption sampled from the model, differentiable in every
         parameter (image encoder included): what `rs fisher` squares and averages (rs_lightning.fisher). Eval
-        mode (no dropout), and each call draws from its own seed (`sample_seed` + call count): repeatable."""
-        hp = self.hparams
+        mode (no dropout), and each call draws from its own seed (`scst.sample_seed` + call count): repeatable."""
         decoder = self.decoder()
         calls = getattr(self, "_fisher_calls", 0)
         self._fisher_calls = calls + 1
-        generator = torch.Generator(device=self.device).manual_seed(hp.sample_seed * 1_000_003 + 104_729 + calls)
+        seed = self.settings.scst.sample_seed * 1_000_003 + 104_729 + calls
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         with self._eval_mode():
             embs = encode_images(self.model, batch["images"].to(self.device))
             with torch.no_grad():
-                sampled = decoder.generate(embs.detach(), hp.max_length, generator=generator)
+                sampled = decoder.generate(embs.detach(), self.settings.decoding.max_length, generator=generator)
             logp = decoder.token_logprobs(embs, sampled.tokens, sampled.mask)
         return logp.sum(1)
 
@@ -307,14 +312,14 @@ class CaptioningModule(L.LightningModule):
 
     @torch.no_grad()
     def caption(self, images: Tensor) -> list[str]:
-        """Evaluation captions of `[B, 3, S, S]` images (beam search or greedy, per `eval_decoding`)."""
-        hp = self.hparams
+        """Evaluation captions of `[B, 3, S, S]` images (beam search or greedy, per `decoding.eval_decoding`)."""
+        dec = self.settings.decoding
         with self._eval_mode():
             decoder, embs = self._caption_decoder(images)
-            if hp.eval_decoding == "beam":
-                out = decoder.beam_search(embs, hp.max_length, hp.beam_size, hp.length_penalty)
+            if dec.eval_decoding == "beam":
+                out = decoder.beam_search(embs, dec.max_length, dec.beam_size, dec.length_penalty)
             else:
-                out = decoder.generate(embs, hp.max_length, greedy=True)
+                out = decoder.generate(embs, dec.max_length, greedy=True)
         return self.tokenizer.decode_batch(out.tokens)
 
     @torch.no_grad()
