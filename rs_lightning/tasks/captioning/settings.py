@@ -17,26 +17,20 @@ Python callers may give a group as its dataclass, as a plain dict of some of its
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from rs_lightning.tasks import settings_groups as groups
+from rs_lightning.tasks.settings_groups import check_choice as _check_choice
+from rs_lightning.tasks.settings_groups import set_field as _set
 
 BASELINES = ("leave_one_out", "greedy")
 EVAL_DECODINGS = ("beam", "greedy")
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
-
-
 def _check_int(key: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    object.__setattr__(obj, name, value)  # the groups are frozen: normalise a field in __post_init__
 
 
 @dataclass(frozen=True)
@@ -159,26 +153,11 @@ class CaptioningSettings:
 
 
 def coerce(group: str, value: Any) -> Any:
-    """The dataclass of `group` ("optim", "decoding", ...) from an instance of it, a dict of some of its fields (the
-    others keep their defaults), or None (all defaults). An unknown key or a wrong type is a ValueError naming it."""
-    cls = GROUPS[group]
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"model.{group} must be a {cls.__name__} or a dict of its fields, got "
-                         f"{type(value).__name__} {value!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in value if k not in names]
-    if unknown:
-        raise ValueError(f"model.{group} has no key {', '.join(map(repr, unknown))}: its keys are {', '.join(names)}")
-    return cls(**value)
+    """The dataclass of `group` from an instance of it, a dict of some of its fields, or None (settings_groups.py)."""
+    return groups.coerce(GROUPS, group, value)
 
 
-def as_dict(settings: Any) -> dict[str, Any]:
-    """A group as plain data (lists for tuples): what hyperparameters, checkpoints and hparams.yaml hold."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+as_dict = groups.as_dict
 
 
 # The flat init args of CaptioningModule before the groups, and where each one lives now.
@@ -192,12 +171,5 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {
 
 
 def upgrade_flat_keys(init_args: dict[str, Any]) -> dict[str, Any]:
-    """CaptioningModule init args with the flat keys of before the groups moved into them (a new dict; the groups
-    already there keep their fields, a flat key does not override one)."""
-    out = {k: v for k, v in init_args.items() if k not in FLAT_KEYS}
-    for key, value in init_args.items():
-        if key in FLAT_KEYS:
-            group, name = FLAT_KEYS[key]
-            out[group] = dict(out.get(group) or {})
-            out[group].setdefault(name, value)
-    return out
+    """CaptioningModule init args with the flat keys of before the groups moved into them (settings_groups.py)."""
+    return groups.upgrade_flat_keys(FLAT_KEYS, init_args)
