@@ -27,10 +27,12 @@ import yaml
 from rs_lightning.demo.pipeline import (
     CONFIG_ROOT,
     PROGRESS_BAR,
+    NotASection,
     Stage,
     default_preferences,
     front_section,
     replicate_stages,
+    set_nested,
 )
 
 REWARDS = ["bleu1", "rouge_l"]
@@ -67,11 +69,10 @@ def _apply(config: dict, settings: dict) -> dict:
         node = config[section]["init_args"]
         if section == "model" and path[0] not in node:
             continue
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"profile override {dotted!r}: {key!r} is not a group of settings")
-        node[path[-1]] = value
+        try:
+            set_nested(node, path, value)
+        except NotASection as err:
+            raise ValueError(f"profile override {dotted!r}: {err.keys[-1]!r} is not a group of settings") from None
     return config
 
 

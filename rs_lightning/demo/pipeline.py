@@ -59,6 +59,27 @@ class Stage:
         return [*base, "--config", str(config_path)]
 
 
+class NotASection(ValueError):
+    """`set_nested` met a value that is not a mapping on the way: `keys` is the path to it."""
+
+    def __init__(self, keys: list[str], found):
+        super().__init__(f"{'.'.join(keys)!r} is a {type(found).__name__}, not a section")
+        self.keys, self.found = keys, found
+
+
+def set_nested(node: dict, keys: list[str], value) -> None:
+    """node[k0][k1]...[kn] = value, making the missing (or null) sections on the way; NotASection where a key on
+    the way holds something else. The one dotted-key setter of the demo profiles and the plans."""
+    for i, key in enumerate(keys[:-1]):
+        nxt = node.get(key)
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise NotASection(keys[: i + 1], nxt)
+        node = nxt
+    node[keys[-1]] = value
+
+
 def front_section(rewards: list[str], experts: list[Path], out_dir: Path, *, init: Path | None,
                   morl: Path | list[tuple[list[float], Path]] | None, points: int, ideal: list[float],
                   nadir: list[float], preferences: list[list[float]]) -> dict:

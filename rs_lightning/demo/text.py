@@ -21,10 +21,12 @@ import yaml
 from rs_lightning.demo.pipeline import (
     CONFIG_ROOT,
     PROGRESS_BAR,
+    NotASection,
     Stage,
     default_preferences,
     front_section,
     replicate_stages,
+    set_nested,
 )
 
 BASE_CONFIG = CONFIG_ROOT / "text" / "review.yaml"
@@ -72,12 +74,10 @@ def set_path(config: dict, dotted: str, value) -> None:
     section, *path = dotted.split(".")
     if section not in ("model", "data") or not path:
         raise ValueError(f"profile override {dotted!r}: expected model.<key>[.<field>...] or data.<key>")
-    node = config[section]["init_args"]
-    for key in path[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"profile override {dotted!r}: {key!r} is not a group of settings")
-    node[path[-1]] = value
+    try:
+        set_nested(config[section]["init_args"], path, value)
+    except NotASection as err:
+        raise ValueError(f"profile override {dotted!r}: {err.keys[-1]!r} is not a group of settings") from None
 
 
 def training_config(base: dict, run_dir: Path, seed: int, mu: list[float]) -> dict:

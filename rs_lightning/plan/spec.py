@@ -48,11 +48,18 @@ from pathlib import Path
 
 import yaml
 
-from rs_lightning.demo.pipeline import PROGRESS_BAR, Stage, morl_name, simplex_design
+from rs_lightning.demo.pipeline import (
+    CONFIG_ROOT,
+    PROGRESS_BAR,
+    NotASection,
+    Stage,
+    morl_name,
+    set_nested,
+    simplex_design,
+)
 from rs_lightning.demo.runner import rs_command
 from rs_lightning.plan.launchers import RESOURCE_KEYS
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 PLAN_ROOT = CONFIG_ROOT / "plans"
 TOP_KEYS = ("out", "rewards", "seeds", "retries", "init", "train", "morl", "sweep", "slurm", "ray")
 ROLE_KEYS = {"init": ("config", "set", "seed_keys", "export", "feeds", "resources", "path"),
@@ -198,17 +205,11 @@ def _apply_resources(trainer: dict, resources: dict) -> None:
 
 
 def _set(config: dict, dotted: str, value, where: str, path: Path) -> None:
-    node = config
-    keys = dotted.split(".")
-    for i, key in enumerate(keys[:-1]):
-        nxt = node.get(key) if isinstance(node, dict) else None
-        if nxt is None:
-            nxt = node[key] = {}
-        if not isinstance(nxt, dict):
-            raise PlanError(f"{path}: {where}: '{'.'.join(keys[:i + 1])}' is a {type(nxt).__name__}, not a "
-                            f"section, so '{dotted}' cannot be set (set the whole value instead)")
-        node = nxt
-    node[keys[-1]] = value
+    try:
+        set_nested(config, dotted.split("."), value)
+    except NotASection as err:
+        raise PlanError(f"{path}: {where}: '{'.'.join(err.keys)}' is a {type(err.found).__name__}, not a section, "
+                        f"so '{dotted}' cannot be set (set the whole value instead)") from None
 
 
 def _unset(config: dict, dotted: str) -> None:
