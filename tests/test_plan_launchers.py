@@ -26,7 +26,8 @@ FLAKY = textwrap.dedent("""
     count = out + ".attempts"
     n = (int(open(count).read()) if os.path.exists(count) else 0) + 1
     open(count, "w").write(str(n))
-    print(f"attempt {n} rank {os.environ.get('SLURM_PROCID', '-')}", flush=True)
+    print(f"attempt {n} rank {os.environ.get('SLURM_PROCID', '-')} threads {os.environ['OMP_NUM_THREADS']}",
+          flush=True)
     time.sleep(seconds)
     if n <= fail_first:
         sys.exit(3)
@@ -91,6 +92,12 @@ def test_submitit_launcher_runs_stages_as_jobs_with_retries(tmp_path):
     assert state["driver"]["launcher"] == "slurm" and state["stages"]["e2"]["attempt"] == 2
     assert re.match(r"submitit local job \d+", state["stages"]["sweep"]["job"])
     assert "attempt 1" in (tmp_path / "logs" / "e2.log.1").read_text()
+    # a job runs with as many threads as CPUs its resources ask for
+    assert "threads 1" in (tmp_path / "logs" / "init.log").read_text()
+    sweep_cpus = flaky(tmp_path, "wide", kind="front")
+    sweep_cpus.resources = {"cpus": 2, "time_min": 5}
+    run_stages([sweep_cpus], tmp_path, launcher=launcher, log=quiet)
+    assert "threads 2" in (tmp_path / "logs" / "wide.log").read_text()
 
 
 def test_slurm_resources_become_one_task_per_gpu():

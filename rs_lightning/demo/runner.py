@@ -84,7 +84,8 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
         out: the run folder (configs/, logs/, stages.json and state.json go here).
         force: rerun stages whose output exists.
         workers: stages at once (default: cores // threads for the local launcher, unbounded on a cluster).
-        threads: OMP_NUM_THREADS of each stage's process.
+        threads: OMP_NUM_THREADS of each stage's process (on a cluster launcher: the stage's resources.cpus when
+            it gives them).
         status_every: seconds between progress lines while stages run.
         log: where the console lines go.
         launcher: where stages run (rs_lightning.plan.launchers; default: local child processes).
@@ -130,8 +131,14 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
         else:
             pending.append(s)
     running: list[_Running] = []
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    def stage_env(stage) -> dict[str, str]:
+        # Here every stage gets `threads` (they share this machine's cores); on a cluster a stage's job has the
+        # CPUs its resources ask for, and uses them all.
+        cpus = None if launcher.parallel_limit else (getattr(stage, "resources", None) or {}).get("cpus")
+        n = str(int(cpus) if cpus else threads)
+        return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1"}
+
     last_status = time.perf_counter()
     total = len(stages)
 
@@ -158,7 +165,7 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
                 attempts[s.name] = attempts.get(s.name, 0) + 1
                 if attempts[s.name] > 1 and log_path.exists():
                     log_path.replace(log_path.with_name(f"{log_path.name}.{attempts[s.name] - 1}"))
-                batch.append((s, s.argv(config_path), env, log_path))
+                batch.append((s, s.argv(config_path), stage_env(s), log_path))
             if batch:
                 for (s, _argv, _env, log_path), job in zip(batch, launcher.start_many(batch)):
                     running.append(_Running(s, job, log_path))
