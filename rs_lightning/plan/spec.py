@@ -128,7 +128,7 @@ class Plan:
         stages += trainings
         sweep_dir = root / "front"
         sweep = Stage(f"{prefix}-sweep", "front", sweep_dir / "summary.json",
-                      self._sweep_config(trainings, init_output if init_stage or self.init else None, sweep_dir),
+                      self._sweep_config(trainings, init_output, sweep_dir),
                       [s.name for s in stages], seed=seed, replicate=seed, trains=False)
         sweep.resources = self.resources("front")
         return [*stages, sweep]
