@@ -37,6 +37,7 @@ from rs_lightning import rl
 from rs_lightning.rewards.base import RewardMetric
 from rs_lightning.rewards.mixture import MixtureReward
 from rs_lightning.soup.lora import live_adapter_state
+from rs_lightning.tasks.autocast_cache import weight_cast_cache
 from rs_lightning.tasks.ensemble import EnsembleMembers
 from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
@@ -169,7 +170,8 @@ class TextPPOModule(PPOIteration, L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()  # no dropout while sampling and scoring the behaviour policy
         try:
-            with fsdp.generation_context(self.policy):
+            # weight_cast_cache: under bf16/fp16-mixed, each weight is cast once per decode (a no-op in fp32).
+            with torch.no_grad(), fsdp.generation_context(self.policy), weight_cast_cache(self.policy):
                 return generate(
                     self.policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], lengths, greedy=greedy,
                     top_k=ro.top_k, top_p=ro.top_p, temperature=ro.temperature, ignore_eos=ignore_eos,

@@ -1,0 +1,95 @@
+"""`weight_cast_cache`: under mixed precision a decode casts each weight once, with the same tokens bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rs_lightning.tasks.autocast_cache import weight_cast_cache
+from rs_lightning.tasks.text.model_loading import tiny_random_causal_lm
+from rs_lightning.tasks.text.policy import attach_lora
+from rs_lightning.tasks.text.rollout import generate
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts fp32 -> bf16 casts of tensors shaped like one of the model's weights (autocast's casts)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.count = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+            if args[0].dtype == torch.float32 and tuple(args[0].shape) in self.shapes:
+                self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    base, tokenizer = tiny_random_causal_lm(vocab_size=96, hidden_size=48, num_layers=2)
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        init_adapter=None, lora_init_seed=0)
+    model.eval()
+    return model, tokenizer
+
+
+def _decode(model, tokenizer, cached: bool, steps: int = 7):
+    ids = torch.randint(3, 90, (3, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # one left-padded row
+    torch.manual_seed(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        # cache_enabled=False: what Lightning's bf16-mixed plugin enters around every step.
+        if cached:
+            with weight_cast_cache(model):
+                return generate(model, tokenizer, ids, mask, [steps] * 3, with_logprobs=True)
+        return generate(model, tokenizer, ids, mask, [steps] * 3, with_logprobs=True)
+
+
+def test_same_tokens_and_logprobs_bit_for_bit(policy):
+    model, tokenizer = policy
+    plain, cached = _decode(model, tokenizer, False), _decode(model, tokenizer, True)
+    assert torch.equal(plain.response_ids, cached.response_ids)
+    assert torch.equal(plain.logprobs, cached.logprobs)
+
+
+def test_each_weight_cast_once_per_decode(policy):
+    model, tokenizer = policy
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    counts = {}
+    for cached in (False, True):
+        with WeightCasts(shapes) as casts:
+            _decode(model, tokenizer, cached, steps=7)
+        counts[cached] = casts.count
+    n_matrices = sum(1 for p in model.parameters() if p.dim() == 2)
+    # Without the cache every matrix is cast at every one of the 7 steps; with it, at most once per decode
+    # (the LM head tied to the embedding is one tensor).
+    assert counts[False] >= 7 * (n_matrices - 1)
+    assert 0 < counts[True] <= n_matrices
+
+
+def test_frozen_flags_restored_even_on_error(policy):
+    model, _ = policy
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not all(before.values()) and any(before.values())  # a frozen base and a trainable adapter
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with pytest.raises(ValueError, match="boom"):
+            with weight_cast_cache(model):
+                assert all(p.requires_grad for p in model.parameters())
+                raise ValueError("boom")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_does_nothing_outside_autocast_and_refuses_grad_mode(policy):
+    model, _ = policy
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with weight_cast_cache(model):  # fp32: no autocast, nothing to cache, grad mode allowed
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with pytest.raises(RuntimeError, match="no_grad"):
+            with weight_cast_cache(model):
+                pass
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
