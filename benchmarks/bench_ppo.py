@@ -111,6 +111,9 @@ def test_ppo_iteration_throughput(benchmark, machine, policy, tmp_path):
         "measured_iterations": len(rows),
         "seconds_per_iteration": per_iteration,
         "phase_seconds": phases,
+        # every measured iteration, so a table can give the range beside the median
+        "iteration_seconds": [sum(r.values()) for r in rows],
+        "phase_seconds_per_iteration": {name: [r[name] for r in rows] for name in rows[0]},
         "phase_share": {k: v / per_iteration for k, v in phases.items()},
         "samples_per_s": BATCH / per_iteration,
         "generated_tokens_per_s_generation": mean_tokens / phases["generate"],

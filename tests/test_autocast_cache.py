@@ -1,12 +1,15 @@
-"""`weight_cast_cache`: under mixed precision a decode casts each weight once, with the same tokens bit for bit."""
+"""Under mixed precision, weights cast once (`weight_cast_cache` per decode, `frozen_linear_casts` per training
+step) with the same tokens, losses and gradients bit for bit."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rs_lightning.tasks.autocast_cache import weight_cast_cache
+from rs_lightning.tasks.autocast_cache import frozen_linear_casts, weight_cast_cache
 from rs_lightning.tasks.text.model_loading import tiny_random_causal_lm
 from rs_lightning.tasks.text.policy import attach_lora
 from rs_lightning.tasks.text.rollout import generate
@@ -93,3 +96,48 @@ def test_does_nothing_outside_autocast_and_refuses_grad_mode(policy):
             with weight_cast_cache(model):
                 pass
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def _loss_and_grads(model, cast: bool):
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(2))
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with frozen_linear_casts(model) if cast else contextlib.nullcontext():
+            logits = model(input_ids=ids).logits
+            loss = torch.log_softmax(logits.float(), -1)[..., 5].mean()
+            loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_frozen_linear_casts_same_loss_and_grads_bit_for_bit(policy):
+    model, _ = policy
+    model.train()
+    try:
+        loss, grads = _loss_and_grads(model, cast=False)
+        loss_cast, grads_cast = _loss_and_grads(model, cast=True)
+    finally:
+        model.eval()
+    assert grads and grads.keys() == grads_cast.keys()
+    assert torch.equal(loss, loss_cast)
+    for name in grads:
+        assert torch.equal(grads[name], grads_cast[name]), name
+
+
+def test_frozen_linear_casts_swaps_only_frozen_linear_weights_and_restores_them(policy):
+    model, _ = policy
+    before = {n: p for n, p in model.named_parameters()}
+    linear_weights = {f"{m}.weight" for m, mod in model.named_modules() if type(mod) is torch.nn.Linear}
+    assert any(n.endswith("base_layer.weight") for n in linear_weights)  # the LoRA-wrapped layers' own Linear
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with frozen_linear_casts(model):
+            inside = dict(model.named_parameters(remove_duplicate=False))
+            for name, p in before.items():
+                if name in linear_weights and not p.requires_grad:
+                    assert inside[name].dtype == torch.bfloat16, name
+                    assert torch.equal(inside[name], p.to(torch.bfloat16)), name
+                else:  # trainable adapters, embeddings, norms: the fp32 parameters themselves
+                    assert inside[name] is p, name
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    with frozen_linear_casts(model):  # fp32: nothing swapped
+        assert all(a is b for a, b in zip(model.parameters(), before.values()))

@@ -7,6 +7,7 @@ once LoRA also covers the MLP and the LM head (attention alone is too weak a lev
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -830,3 +831,31 @@ def test_critic_free_iterations_skip_the_old_logprob_forward(tiny, tmp_path, mon
         counts[advantage] = len(calls)
     # batch 16, mini-batches of 8, 2 PPO epochs: 4 optimisation passes; + reference; + old (GAE only).
     assert counts == {"gae": 6, "sequence": 5}
+
+
+# ---- bf16-mixed: weights cast once per decode and per iteration, same training bit for bit ----------------------
+
+def test_bf16_mixed_training_same_with_and_without_cast_once(tiny, tmp_path, monkeypatch):
+    """`weight_cast_cache` and `frozen_linear_casts` only change how often autocast casts: two PPO iterations under
+    Lightning's bf16-mixed give the same adapter, bit for bit, as with both turned into no-ops; the frozen fp32
+    weights are the same Parameters before and after."""
+    from rs_lightning.tasks.text import module as text_module
+    from rs_lightning.tasks.text import training as text_training
+
+    def fit():
+        L.seed_everything(0)
+        module = make_module(tiny)
+        frozen = {n: p for n, p in module.policy.named_parameters() if not p.requires_grad}
+        make_trainer(tmp_path, iterations=2, precision="bf16-mixed").fit(module, make_data(tiny))
+        after = dict(module.policy.named_parameters())
+        assert all(after[n] is p and p.dtype == torch.float32 for n, p in frozen.items())
+        return adapter(module)
+
+    cast_once = fit()
+    monkeypatch.setattr(text_module, "weight_cast_cache", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(text_training, "frozen_linear_casts", lambda model: contextlib.nullcontext())
+    plain = fit()
+    assert cast_once.keys() == plain.keys()
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in plain.values())  # it trained
+    for key in plain:
+        assert torch.equal(cast_once[key], plain[key]), key

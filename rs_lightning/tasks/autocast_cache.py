@@ -10,6 +10,11 @@ leaf tensors that require grad (torch/csrc/autograd/autocast_mode.cpp, `cached_c
 are marked as requiring grad for the duration, under `torch.no_grad()`, where no graph is built, and restored on
 exit. A cached cast is the same cast, so decoding gives the same tokens and log-probs bit for bit; only the number
 of casts changes. Outside autocast (fp32 runs) the context does nothing.
+
+`frozen_linear_casts(model)` does the same for a whole training step, forward and backward: each frozen weight of
+an `nn.Linear` (a LoRA model's base layers, its LM head) is cast once and the cast stands in for the fp32 weight
+until the step ends. Autocast would cast it at every forward (the reference pass, each PPO mini-batch) to the same
+values, so the step computes the same numbers; the fp32 weights come back on exit, untouched.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ def weight_cast_cache(model: nn.Module) -> Iterator[None]:
         return
     if torch.is_grad_enabled():
         raise RuntimeError("weight_cast_cache is for decoding under torch.no_grad(): grad mode is enabled")
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point() and p.is_leaf
-              and not p._is_view()]  # views (FSDP's) are never cached
     dtype = torch.get_autocast_dtype(device)
+    # Views (FSDP's) are never cached; tensors already in the autocast dtype (frozen_linear_casts) need no cast.
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point() and p.dtype != dtype
+              and p.is_leaf and not p._is_view()]
     try:
         with torch.autocast(device, dtype=dtype, cache_enabled=True):
             for p in frozen:
@@ -54,3 +60,39 @@ def weight_cast_cache(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(False)
         # The casts must not outlive the decode: the weights change at the next optimiser step or soup.
         torch.clear_autocast_cache()
+
+
+@contextlib.contextmanager
+def frozen_linear_casts(model: nn.Module) -> Iterator[None]:
+    """Under autocast: the frozen weights (and biases) of `model`'s `nn.Linear` layers are replaced, for the body of
+    the context, by their casts to the autocast dtype, made once here; restored on exit. A no-op outside autocast.
+
+    Only plain `nn.Linear` forwards are touched: autocast casts every argument of `F.linear` to its dtype, so the
+    pre-cast tensor gives the same result. Other frozen tensors (embeddings, norms) are used in fp32 by autocast and
+    are left alone; trainable weights stay fp32 (the optimiser steps them).
+    """
+    device = _autocast_device(model)
+    if device is None:
+        yield
+        return
+    dtype = torch.get_autocast_dtype(device)
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    casts: dict[int, torch.Tensor] = {}  # one cast per tensor (an LM head tied elsewhere is cast once)
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+                    continue
+                for name in ("weight", "bias"):
+                    p = module._parameters.get(name)
+                    if p is None or p.requires_grad or not p.is_floating_point() or p.dtype == dtype or p._is_view():
+                        continue
+                    cast = casts.get(id(p))
+                    if cast is None:
+                        cast = casts[id(p)] = p.to(dtype)
+                    swapped.append((module, name, p))
+                    module._parameters[name] = cast
+        yield
+    finally:
+        for module, name, p in reversed(swapped):
+            module._parameters[name] = p

@@ -9,12 +9,15 @@ Settings are read from the module's `settings` (settings.py's groups).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from rs_lightning import rl
+from rs_lightning.tasks.autocast_cache import frozen_linear_casts
+from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
 from rs_lightning.tasks.text.rollout import PhaseClock, Rollout, repeat_rows, response_forward, sample_lengths
 
@@ -45,6 +48,13 @@ class PPOIteration:
         return sample_lengths(low, high, batch_size, gen)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Under bf16/fp16-mixed the frozen base weights are cast once per iteration rather than at every forward
+        # (a no-op in fp32 and under FSDP, whose flat parameters it leaves alone; see tasks/autocast_cache.py).
+        casts = contextlib.nullcontext() if fsdp.is_sharded(self.policy) else frozen_linear_casts(self.policy)
+        with casts:
+            self._ppo_iteration(batch)
+
+    def _ppo_iteration(self, batch: dict[str, Any]) -> None:
         ppo = self.settings.ppo
         lengths = self._lengths(len(batch["prompts"]))
         if ppo.advantage == "rloo":
