@@ -6,7 +6,8 @@ Both get the same environment and the same torch threads (RS_BENCH_TRL_THREADS, 
 
 What is matched, per iteration:
 - the model (the same local folder: a random tiny Llama written to tmp, or the converted SmolLM2-135M-Instruct
-  of our cache; there is no hub, so TRL gets that folder's path), fp32 weights, no autocast, no gradient
+  of our cache; there is no hub, so TRL gets that folder's path), fp32 weights, no autocast (or, with
+  RS_BENCH_TRL_PRECISION=bf16, bf16 autocast on both sides: ours "bf16-mixed", TRL's `bf16=True`), no gradient
   checkpointing (TRL turns it on by default: switched off, as ours has none);
 - the LoRA: r, alpha, dropout 0, targets q/k/v/o_proj;
 - the prompts: the first (warm-up + measured) x PROMPTS training prompts of the same `PromptDataModule`, in the
@@ -66,6 +67,11 @@ import pytest
 ITERS = int(os.environ.get("RS_BENCH_TRL_ITERS", "4"))
 WARMUP = int(os.environ.get("RS_BENCH_TRL_WARMUP", "1"))
 THREADS = int(os.environ.get("RS_BENCH_TRL_THREADS", "1"))
+# "fp32" (default) or "bf16": fp32 master weights with bf16 autocast on both sides (ours Lightning's
+# "bf16-mixed", TRL's `bf16=True`).
+PRECISION = os.environ.get("RS_BENCH_TRL_PRECISION", "fp32")
+if PRECISION not in ("fp32", "bf16"):
+    raise ValueError(f"RS_BENCH_TRL_PRECISION must be fp32 or bf16, got {PRECISION!r}")
 PROMPTS = 4  # prompts per iteration
 K = 4  # samples per prompt: rloo_k = num_generations
 MINI_BATCH = 4  # responses per optimizer step
@@ -204,7 +210,8 @@ def run_ours(policy: str, workdir: Path) -> dict[str, Any]:
 
     timer = IterationTimer()
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=1, limit_train_batches=iterations,
-                        precision="32-true", limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        precision="bf16-mixed" if PRECISION == "bf16" else "32-true", limit_val_batches=0,
+                        num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(workdir / "ours"), callbacks=[timer])
     trainer.fit(module, train_dataloaders=loader)
@@ -275,7 +282,7 @@ def run_trl(policy: str, workdir: Path) -> dict[str, Any]:
 
     config = RLOOConfig(
         output_dir=str(workdir / "trl"), seed=SEED, report_to="none", save_strategy="no", disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(), bf16=PRECISION == "bf16", fp16=False, gradient_checkpointing=False,
         model_init_kwargs={"dtype": torch.float32},
         per_device_train_batch_size=MINI_BATCH, gradient_accumulation_steps=1, steps_per_generation=steps_per_iteration,
         num_generations=K, num_iterations=1, max_steps=iterations * steps_per_iteration,
@@ -380,6 +387,7 @@ def test_trl_side_by_side(benchmark, machine, policy, tmp_path):
         "machine": machine,
         "policy": policy,
         "torch_threads": THREADS,
+        "precision": PRECISION,
         "prompts_per_iteration": PROMPTS,
         "samples_per_prompt": K,
         "mini_batch_size": MINI_BATCH,
