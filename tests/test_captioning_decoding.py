@@ -1,5 +1,6 @@
 """CoCa loading and decoding: parity with open_clip's decoder, exact log-probs, beam search, the SCST gradient."""
 
+import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -150,3 +151,45 @@ def test_weights_round_trip(coca, tmp_path):
 
     oc = open_clip.create_model("coca-tiny", pretrained=str(path))
     assert torch.equal(oc.state_dict()["text_decoder.text_projection"], coca.text_decoder.text_projection)
+
+
+def test_decoding_under_bf16_autocast_casts_each_weight_once_same_captions(coca, tok, monkeypatch):
+    """Under Lightning's bf16-mixed (autocast, cast cache off) sampling, greedy and beam decoding cast each weight
+    once per decode (`cast_once_per_decode`), not at every step, and give the same tokens and log-probs bit for bit
+    as without it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rs_lightning.tasks import autocast_cache
+
+    weights = {p.data_ptr() for p in coca.parameters() if p.dim() == 2}
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                    and args[0].dtype == torch.float32 and args[0].data_ptr() in weights):
+                Casts.count += 1
+            return func(*args, **kwargs)
+
+    decoder = _decoder(coca, tok)
+    embs = encode_images(coca, torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))).detach()
+
+    def decode_all():
+        Casts.count = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), Casts():
+            sampled = decoder.generate(embs, 6, generator=torch.Generator().manual_seed(3))
+            greedy = decoder.generate(embs, 6, greedy=True)
+            beam = decoder.beam_search(embs, 6, beam_size=3)
+        return [sampled, greedy, beam], Casts.count
+
+    coca.eval()
+    cached, cached_casts = decode_all()
+    monkeypatch.setattr(autocast_cache, "weight_cast_cache", lambda model: contextlib.nullcontext())
+    plain, plain_casts = decode_all()
+    for a, b in zip(cached, plain):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    # Weights used through views (the attention's in_proj chunks) are cast at every step either way: autocast
+    # caches whole leaf tensors only. Measured: 165 casts against 450 over the three decodes.
+    assert 0 < 2 * cached_casts < plain_casts

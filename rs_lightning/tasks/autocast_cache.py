@@ -1,4 +1,4 @@
-"""Cast each weight once per decode, not once per decoding step, under mixed precision.
+"""Cast each weight once per decode, not once per decoding step, under mixed precision (text and captioning).
 
 Lightning's mixed-precision plugins enter `torch.autocast(..., cache_enabled=False)` around every step
 (lightning/pytorch/plugins/precision/amp.py). Without the cache, autocast casts a weight to bf16/fp16 at each use,
@@ -20,7 +20,8 @@ values, so the step computes the same numbers; the fp32 weights come back on exi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -60,6 +61,18 @@ def weight_cast_cache(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(False)
         # The casts must not outlive the decode: the weights change at the next optimiser step or soup.
         torch.clear_autocast_cache()
+
+
+def cast_once_per_decode(method: Callable) -> Callable:
+    """Decorator for a no-grad decoding method of an object whose `model` attribute is the module it runs: the
+    body runs inside `weight_cast_cache(self.model)`. Put it under `@torch.no_grad()`."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with weight_cast_cache(self.model):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rs_lightning.tasks.autocast_cache import cast_once_per_decode
 from rs_lightning.tasks.captioning.incremental import IncrementalDecoder, supports_incremental
 
 
@@ -209,6 +210,7 @@ class CaptionDecoder:
         return full
 
     @torch.no_grad()
+    @cast_once_per_decode  # under bf16/fp16-mixed: each weight cast once per decode (tasks/autocast_cache.py)
     def generate(
         self, image_embs: Tensor, max_length: int, *, greedy: bool = False, generator: torch.Generator | None = None
     ) -> Decoded:
@@ -243,6 +245,7 @@ class CaptionDecoder:
         return Decoded(torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1))
 
     @torch.no_grad()
+    @cast_once_per_decode  # under bf16/fp16-mixed: each weight cast once per decode (tasks/autocast_cache.py)
     def beam_search(
         self, image_embs: Tensor, max_length: int, beam_size: int = 5, length_penalty: float = 1.0
     ) -> Decoded:
