@@ -102,3 +102,20 @@ def test_build_reward_rejects_unknown_names_and_bad_options():
         build_reward({"type": "caption_mixture", "components": {"pos": "vader"}, "weights": [1.0]})
     with pytest.raises(ValueError, match="'cider' is a CaptionMetric, expected a TextRewardMetric"):
         build_reward({"type": "mixture", "components": {"cider": "cider_d"}, "weights": [1.0]})
+
+
+def test_add_scores_is_an_update_for_torchmetrics():
+    """Scores added directly (the evaluation path, which scores each batch once) count as an update: compute()
+    neither warns that it ran before any update nor returns a value cached before the last scores came in."""
+    import warnings
+
+    metric = LengthReward()
+    metric.add_scores(torch.tensor([1.0, 3.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metric.compute().item() == 2.0
+    metric.add_scores(torch.tensor([5.0]))
+    assert metric.compute().item() == 3.0
+    metric.reset()
+    metric.update(["p", "q"], ["abc", "abcde"])
+    assert metric.compute().item() == pytest.approx(float(metric.score(["p", "q"], ["abc", "abcde"]).mean()))

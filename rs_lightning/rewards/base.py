@@ -166,11 +166,18 @@ class RewardMetric(Metric):
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         """Add the batch's scores (same arguments as :meth:`score`) to the running sum and count."""
-        self.add_scores(self.score(*args, **kwargs))
+        self._accumulate(self.score(*args, **kwargs))
 
     def add_scores(self, scores: Tensor) -> None:
         """Add already computed per-sample scores `[B]` (from :meth:`score`) to the running sum and count, so a
         caller that also needs the per-sample values scores each batch once."""
+        self._accumulate(scores)
+        # What torchmetrics' wrapper around `update` records, which this path bypasses: an update happened (else
+        # compute() warns "called before the update method" in every evaluation) and a cached compute() is stale.
+        self._update_count += 1
+        self._computed = None
+
+    def _accumulate(self, scores: Tensor) -> None:
         self.total += scores.sum().to(self.total)
         self.count += scores.numel()
 
