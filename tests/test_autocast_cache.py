@@ -68,8 +68,8 @@ def test_each_weight_cast_once_per_decode(policy):
             _decode(model, tokenizer, cached, steps=7)
         counts[cached] = casts.count
     n_matrices = sum(1 for p in model.parameters() if p.dim() == 2)
-    # Without the cache every matrix is cast at every one of the 7 steps; with it, at most once per decode
-    # (the LM head tied to the embedding is one tensor).
+    # Without the cache every matrix but the embedding (a lookup, not cast) is cast at every one of the 7 steps;
+    # with it, at most once per decode.
     assert counts[False] >= 7 * (n_matrices - 1)
     assert 0 < counts[True] <= n_matrices
 
@@ -109,14 +109,29 @@ def _loss_and_grads(model, cast: bool):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_frozen_linear_casts_same_loss_and_grads_bit_for_bit(policy):
-    model, _ = policy
+def _variant(kind: str):
+    """A tiny LoRA model: "lora" (the policy fixture's kind), "dora" (its weight norm reads the frozen base weight
+    outside the Linear's forward) or "tied" (the LM head is the embedding matrix, as SmolLM2's)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=kind == "tied")
+    base = LlamaForCausalLM(config)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=kind == "dora",
+                                            target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    if kind == "tied":
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "tied"])
+def test_frozen_linear_casts_same_loss_and_grads_bit_for_bit(kind):
+    model = _variant(kind)
     model.train()
-    try:
-        loss, grads = _loss_and_grads(model, cast=False)
-        loss_cast, grads_cast = _loss_and_grads(model, cast=True)
-    finally:
-        model.eval()
+    loss, grads = _loss_and_grads(model, cast=False)
+    loss_cast, grads_cast = _loss_and_grads(model, cast=True)
     assert grads and grads.keys() == grads_cast.keys()
     assert torch.equal(loss, loss_cast)
     for name in grads:
@@ -141,3 +156,18 @@ def test_frozen_linear_casts_swaps_only_frozen_linear_weights_and_restores_them(
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
     with frozen_linear_casts(model):  # fp32: nothing swapped
         assert all(a is b for a, b in zip(model.parameters(), before.values()))
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with pytest.raises(ValueError, match="boom"):
+            with frozen_linear_casts(model):
+                raise ValueError("boom")
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert all(after[n] is p for n, p in before.items())
+
+
+def test_frozen_linear_casts_leaves_dora_base_layers_alone():
+    model = _variant("dora")
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "base_layer")]
+    assert bases
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), frozen_linear_casts(model):
+        assert all(b.weight.dtype == torch.float32 for b in bases)
+        assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # not a LoRA target

@@ -82,7 +82,8 @@ def frozen_linear_casts(model: nn.Module) -> Iterator[None]:
 
     Only plain `nn.Linear` forwards are touched: autocast casts every argument of `F.linear` to its dtype, so the
     pre-cast tensor gives the same result. Other frozen tensors (embeddings, norms) are used in fp32 by autocast and
-    are left alone; trainable weights stay fp32 (the optimiser steps them).
+    are left alone; trainable weights stay fp32 (the optimiser steps them). The base layer of a PEFT LoRA variant
+    (DoRA: its weight norm reads the base weight outside the layer's forward, in fp32) is left alone too.
     """
     device = _autocast_device(model)
     if device is None:
@@ -91,10 +92,13 @@ def frozen_linear_casts(model: nn.Module) -> Iterator[None]:
     dtype = torch.get_autocast_dtype(device)
     swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
     casts: dict[int, torch.Tensor] = {}  # one cast per tensor (an LM head tied elsewhere is cast once)
+    read_elsewhere = {id(m.base_layer) for m in model.modules() if _is_lora_variant(m)}
     try:
         with torch.no_grad():
             for module in model.modules():
                 if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+                    continue
+                if id(module) in read_elsewhere:
                     continue
                 for name in ("weight", "bias"):
                     p = module._parameters.get(name)
@@ -109,3 +113,13 @@ def frozen_linear_casts(model: nn.Module) -> Iterator[None]:
     finally:
         for module, name, p in reversed(swapped):
             module._parameters[name] = p
+
+
+def _is_lora_variant(module: nn.Module) -> bool:
+    """A PEFT LoRA layer whose adapter is a variant (DoRA and later ones: `lora_variant`; `use_dora` in older PEFT)
+    that may read its base layer's weight directly, not only through the base layer's forward."""
+    if not hasattr(module, "base_layer"):
+        return False
+    variants = getattr(module, "lora_variant", None) or {}
+    dora = getattr(module, "use_dora", None) or {}
+    return bool(variants) or any(dora.values())
