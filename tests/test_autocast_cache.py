@@ -171,3 +171,18 @@ def test_frozen_linear_casts_leaves_dora_base_layers_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), frozen_linear_casts(model):
         assert all(b.weight.dtype == torch.float32 for b in bases)
         assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # not a LoRA target
+
+
+def test_a_checkpoint_taken_during_a_cached_decode_still_leaves_the_frozen_base_out(policy):
+    """Lightning's SLURM requeue handler may save a checkpoint in the middle of a decode, while the frozen weights
+    are marked as requiring grad: the text module's checkpoint filter must still see them as frozen."""
+    from rs_lightning.tasks.text.policy import without_frozen
+
+    model, _ = policy
+    outside = set(without_frozen(model, model.state_dict()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with weight_cast_cache(model):
+            assert all(p.requires_grad for p in model.parameters())
+            inside = set(without_frozen(model, model.state_dict()))
+    assert inside == outside and outside
+    assert not any("base_layer" in k for k in outside)

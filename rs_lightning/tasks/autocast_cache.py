@@ -26,6 +26,16 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+# ids of the frozen parameters a running `weight_cast_cache` has marked as requiring grad: what reads the flag to
+# tell trainable from frozen (a checkpoint that Lightning's SLURM requeue handler writes in the middle of a decode,
+# tasks/text/policy.without_frozen) asks `marked_for_casting` first.
+_MARKED: set[int] = set()
+
+
+def marked_for_casting(p: torch.Tensor) -> bool:
+    """True while `p` is frozen but marked as requiring grad by `weight_cast_cache`."""
+    return id(p) in _MARKED
+
 
 def _autocast_device(model: nn.Module) -> str | None:
     """The device type autocast is enabled for that this model's parameters live on, or None."""
@@ -54,11 +64,13 @@ def weight_cast_cache(model: nn.Module) -> Iterator[None]:
     try:
         with torch.autocast(device, dtype=dtype, cache_enabled=True):
             for p in frozen:
+                _MARKED.add(id(p))
                 p.requires_grad_(True)
             yield
     finally:
         for p in frozen:
             p.requires_grad_(False)
+            _MARKED.discard(id(p))
         # The casts must not outlive the decode: the weights change at the next optimiser step or soup.
         torch.clear_autocast_cache()
 
