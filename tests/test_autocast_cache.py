@@ -4,30 +4,19 @@ step) with the same tokens, losses and gradients bit for bit."""
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rs_lightning.tasks.autocast_cache import frozen_linear_casts, weight_cast_cache
 from rs_lightning.tasks.text.model_loading import tiny_random_causal_lm
 from rs_lightning.tasks.text.policy import attach_lora
 from rs_lightning.tasks.text.rollout import generate
 
-
-class WeightCasts(TorchDispatchMode):
-    """Counts fp32 -> bf16 casts of tensors shaped like one of the model's weights (autocast's casts)."""
-
-    def __init__(self, shapes):
-        super().__init__()
-        self.shapes, self.count = shapes, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
-            if args[0].dtype == torch.float32 and tuple(args[0].shape) in self.shapes:
-                self.count += 1
-        return func(*args, **kwargs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cast_counting import WeightCasts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +50,13 @@ def test_same_tokens_and_logprobs_bit_for_bit(policy):
 
 def test_each_weight_cast_once_per_decode(policy):
     model, tokenizer = policy
-    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    matrices = [p for p in model.parameters() if p.dim() == 2]
     counts = {}
     for cached in (False, True):
-        with WeightCasts(shapes) as casts:
+        with WeightCasts(matrices) as casts:
             _decode(model, tokenizer, cached, steps=7)
         counts[cached] = casts.count
-    n_matrices = sum(1 for p in model.parameters() if p.dim() == 2)
+    n_matrices = len(matrices)
     # Without the cache every matrix but the embedding (a lookup, not cast) is cast at every one of the 7 steps;
     # with it, at most once per decode.
     assert counts[False] >= 7 * (n_matrices - 1)

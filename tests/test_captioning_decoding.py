@@ -21,6 +21,7 @@ from rs_lightning.tasks.captioning.model import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption_models import perturbed_coca  # noqa: E402
+from cast_counting import WeightCasts  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
@@ -157,32 +158,19 @@ def test_decoding_under_bf16_autocast_casts_each_weight_once_same_captions(coca,
     """Under Lightning's bf16-mixed (autocast, cast cache off) sampling, greedy and beam decoding cast each weight
     once per decode (`cast_once_per_decode`), not at every step, and give the same tokens and log-probs bit for bit
     as without it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from rs_lightning.tasks import autocast_cache
 
-    weights = {p.data_ptr() for p in coca.parameters() if p.dim() == 2}
-
-    class Casts(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
-                    and args[0].dtype == torch.float32 and args[0].data_ptr() in weights):
-                Casts.count += 1
-            return func(*args, **kwargs)
+    matrices = [p for p in coca.parameters() if p.dim() == 2]
 
     decoder = _decoder(coca, tok)
     embs = encode_images(coca, torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))).detach()
 
     def decode_all():
-        Casts.count = 0
-        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), Casts():
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), WeightCasts(matrices) as casts:
             sampled = decoder.generate(embs, 6, generator=torch.Generator().manual_seed(3))
             greedy = decoder.generate(embs, 6, greedy=True)
             beam = decoder.beam_search(embs, 6, beam_size=3)
-        return [sampled, greedy, beam], Casts.count
+        return [sampled, greedy, beam], casts.count
 
     coca.eval()
     cached, cached_casts = decode_all()

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from rs_lightning.tasks.autocast_cache import marked_for_casting
+
 REFERENCE_ADAPTER = "reference"
 
 
@@ -116,8 +118,6 @@ def without_frozen(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str
     """The entries of `module`'s `state_dict` that training changes: trainable parameters (the adapter, the value
     head) and buffers (reward statistics). The frozen base model (and a frozen reference adapter) is left out: a
     checkpoint rebuilds it from the config, so it stays megabytes for a 7B policy."""
-    from rs_lightning.tasks.autocast_cache import marked_for_casting
-
     # A frozen weight marked for autocast's cache during a decode is still frozen (a checkpoint may be written then).
     keep = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad and not marked_for_casting(p)}
     keep |= {clean_name(n) for n, _ in module.named_buffers()}
