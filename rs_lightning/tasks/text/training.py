@@ -17,6 +17,7 @@ from torch import Tensor
 
 from rs_lightning import rl
 from rs_lightning.tasks.autocast_cache import frozen_linear_casts
+from rs_lightning.tasks.cpu_attention import attention_for_backward
 from rs_lightning.tasks.text import fsdp
 from rs_lightning.tasks.text import policy as pol
 from rs_lightning.tasks.text.rollout import PhaseClock, Rollout, repeat_rows, response_forward, sample_lengths
@@ -119,7 +120,8 @@ class PPOIteration:
             adv = advantages[idx]
             if ppo.whiten == "minibatch" and ppo.advantage == "gae":  # TRL 0.4: whiten inside each mini-batch
                 adv = rl.masked_whiten(adv, mask[idx]) if int(mask[idx].sum()) > 1 else adv
-            new = response_forward(self.policy, self.value_head, mb, with_entropy=True)
+            with attention_for_backward(self.policy):  # bf16 on CPU: the math kernel, whose backward is faster
+                new = response_forward(self.policy, self.value_head, mb, with_entropy=True)
             if self.value_head is None:  # critic-free: the clipped policy loss alone
                 loss, mb_stats = rl.ppo_policy_loss(new["logprobs"], old["logprobs"][idx], adv, mask[idx],
                                                     ppo.cliprange)
