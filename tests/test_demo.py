@@ -36,6 +36,39 @@ def test_the_default_demo_runs_three_replicates():
     assert build_parser().parse_args([]).replicates == 3  # what `make demo` and the README's table run
 
 
+def _planned(tmp_path, *argv):
+    from rs_lightning.commands.demo import build_parser, planned_stages
+
+    return planned_stages(build_parser().parse_args(list(argv)), tmp_path)
+
+
+def test_family_defaults_text_runs_the_budget_recipe_in_bf16_and_captioning_stays_fp32(tmp_path):
+    stages, settings = _planned(tmp_path, "--task", "text")
+    assert settings["precision"] == "bf16-mixed" and settings["points"] == 6
+    assert {s.config["trainer"]["precision"] for s in stages} == {"bf16-mixed"}  # trainings and sweeps alike
+    training = next(s for s in stages if s.kind == "expert")
+    assert training.config["model"]["init_args"]["ppo"]["lr"] == 1.0e-3
+    assert training.config["trainer"]["limit_train_batches"] == 10
+    front = next(s for s in stages if s.kind == "front")
+    assert front.config["front"]["grid"]["points"] == 6
+    # The arguments win over the family's defaults.
+    stages, settings = _planned(tmp_path, "--task", "text", "--precision", "32-true", "--points", "11",
+                                "--iterations", "15")
+    assert {s.config["trainer"]["precision"] for s in stages} == {"32-true"}
+    assert next(s for s in stages if s.kind == "front").config["front"]["grid"]["points"] == 11
+    assert next(s for s in stages if s.kind == "expert").config["trainer"]["limit_train_batches"] == 15
+    stages, settings = _planned(tmp_path)
+    assert settings["precision"] == "32-true" and settings["points"] == 11
+    assert {s.config["trainer"]["precision"] for s in stages} == {"32-true"}
+
+
+def test_set_precision_refuses_an_unknown_precision():
+    from rs_lightning.demo.pipeline import set_precision
+
+    with pytest.raises(ValueError, match="precision must be one of 32-true, bf16-mixed, got '16-mixed'"):
+        set_precision([], "16-mixed")
+
+
 def _verdict_of(interval: dict, positive: str, negative: str) -> str:
     if interval["low"] > 0:
         return positive

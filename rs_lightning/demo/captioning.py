@@ -35,6 +35,9 @@ from rs_lightning.demo.pipeline import (
     set_nested,
 )
 
+# The captioning demo's recorded numbers are fp32; its replicated run already fits its budget.
+PRECISION = "32-true"
+POINTS = 11  # lambda values in the sweep (rs demo --points)
 REWARDS = ["bleu1", "rouge_l"]
 # The paper's five captioning rewards (Ramé et al. 2023, Fig. 5): `rs demo --rewards` takes any 2 to 5 of them.
 PAPER_METRICS = ("bleu1", "bleu4", "rouge_l", "meteor", "cider_d")

@@ -59,6 +59,27 @@ class Stage:
         return [*base, "--config", str(config_path)]
 
 
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def set_precision(stages: list[Stage], precision: str) -> None:
+    """Every training and sweep stage of the demo runs under Lightning's `precision` (the front sweep's trainer
+    too, so the soups are scored in the precision their experts were trained in)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    for stage in stages:
+        stage.config.setdefault("trainer", {})["precision"] = precision
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 matmuls are emulated and
+    slower than fp32."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 class NotASection(ValueError):
     """`set_nested` met a value that is not a mapping on the way: `keys` is the path to it."""
 

@@ -30,6 +30,12 @@ from rs_lightning.demo.pipeline import (
 )
 
 BASE_CONFIG = CONFIG_ROOT / "text" / "review.yaml"
+# bf16 autocast with each weight cast once (tasks/autocast_cache.py): 1.6x faster per PPO iteration than fp32 on a
+# CPU with AMX (benchmarks/RESULTS.md); `rs demo --precision 32-true` elsewhere.
+PRECISION = "bf16-mixed"
+# lambda in steps of 0.2: on 2 cores a text sweep point (32 validation + 32 test prompts) takes ~15 s, so 11 points
+# would add 6 stage-minutes to the replicated run's budget of 15 minutes (`rs demo --points 11` for the finer grid).
+POINTS = 6
 REWARDS = ["vader", "relevance"]
 # `rs demo --task text --rewards` takes 2 or 3 of these. "concise" pulls against the other two: LengthReward with
 # target 8 words scores -|n - 8| / 8, so the fuller, review-like answers that positivity and relevance favour lose.
@@ -43,7 +49,9 @@ RANGES = {"vader": (-1.0, 1.0), "relevance": (0.0, 1.0), "concise": (-2.0, 0.0)}
 # Overrides per profile: "<section>.<key>[.<field>...]" is the path under the section's init_args (the module's
 # settings groups are nested: "model.rollout.response_length"); "iterations" is trainer.limit_train_batches.
 PROFILES = {
-    "default": {},
+    # The demo's budget recipe on configs/text/review.yaml: 10 PPO iterations at twice the config's learning rate
+    # (15 at 5e-4 there), so that 3 replicates fit in 15 minutes on 2 cores (benchmarks/RESULTS.md).
+    "default": {"model.ppo.lr": 1.0e-3, "iterations": 10},
     "quick": {
         "model.model": "tiny-random", "data.tokenizer": "tiny-random", "model.rollout.response_length": [8, 8],
         "model.rollout.eval_max_new_tokens": 8, "data.num_train": 16, "data.num_val": 4, "data.num_test": 4,
