@@ -79,6 +79,35 @@ def test_finished_stages_are_reused_and_force_reruns_them(tmp_path):
     assert span(a) != first
 
 
+def test_a_finished_stage_planned_with_another_config_is_not_reused(tmp_path):
+    """A re-run whose plan changed (another precision, iteration count, grid) must not report the old stages under
+    the new settings: it stops before anything runs, naming the stage and the keys, and --force reruns."""
+    from rs_lightning.demo.runner import StageConfigChanged
+
+    a = stage(tmp_path, "a", seconds=0.1)
+    a.config = {"trainer": {"limit_train_batches": 15}, "model": {"lr": 5e-4}}
+    run_stages([a], tmp_path, log=lambda _: None)
+    first = a.output.read_text()
+    a.config = {"trainer": {"limit_train_batches": 15, "precision": "bf16-mixed"}, "model": {"lr": 1e-3}}
+    b = stage(tmp_path, "b", seconds=0.1)
+    with pytest.raises(StageConfigChanged) as err:
+        run_stages([a, b], tmp_path, log=lambda _: None)
+    message = str(err.value)
+    assert "1 finished stage(s)" in message and "a (" in message and "--force" in message
+    assert "trainer.precision: (absent) -> 'bf16-mixed'" in message and "model.lr: 0.0005 -> 0.001" in message
+    assert not b.output.exists() and a.output.read_text() == first  # nothing ran
+    # The same config again (tuples written as YAML lists compare equal): reused.
+    a.config = {"trainer": {"limit_train_batches": 15}, "model": {"lr": 5e-4}}
+    lines = []
+    run_stages([a], tmp_path, log=lines.append)
+    assert any("reused" in line for line in lines)
+    # --force reruns it with the new config, which is then the recorded one.
+    a.config = {"trainer": {"precision": "bf16-mixed"}}
+    run_stages([a], tmp_path, force=True, log=lambda _: None)
+    assert a.output.read_text() != first
+    run_stages([a], tmp_path, log=lambda _: None)  # now reused without complaint
+
+
 def test_bad_graphs_are_refused_before_anything_runs(tmp_path):
     a = stage(tmp_path, "a")
     with pytest.raises(ValueError, match="unknown stages"):

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     if args.status:
         print(format_status(stage_status(stages, plan.out), plan.out))
         return 0
-    from rs_lightning.demo.runner import StageFailed, run_stages
+    from rs_lightning.demo.runner import StageConfigChanged, StageFailed, run_stages
     from rs_lightning.plan.launchers import make_launcher
 
     try:
@@ -82,6 +82,9 @@ def main(argv: list[str]) -> int:
     try:
         run_stages(stages, plan.out, force=args.force, workers=args.workers, threads=args.threads,
                    launcher=launcher, retries=retries, log=lambda line: print(line, flush=True))
+    except StageConfigChanged as err:  # before anything ran
+        print(f"rs run: {err}", file=sys.stderr)
+        return 2
     except StageFailed as err:
         print(f"rs run: {err}\n(`rs run {args.plan} --status` lists every stage)", file=sys.stderr)
         return 1

@@ -94,6 +94,8 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
 
     Raises:
         StageFailed: some stage exited non-zero or wrote no output (its dependants did not run).
+        StageConfigChanged: a finished stage was run with another config than the one planned now (before
+            anything runs; `force` reruns it instead).
         ValueError: duplicate names or a dependency on an unknown stage (before anything runs).
     """
     import yaml
@@ -110,6 +112,8 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
         raise ValueError(f"stages depend on unknown stages {sorted(unknown)}")
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
+    if not force:
+        check_reused_configs(stages, out)
     launcher = launcher or LocalLauncher()
     if workers is None:
         workers = default_workers(threads) if launcher.parallel_limit else len(stages)
@@ -217,6 +221,53 @@ def run_stages(stages: Sequence, out: Path, *, force: bool = False, workers: int
         lines = "\n".join(f"  {name}: {why}" for name, why in failed.items())
         raise StageFailed(f"{len(failed)} stage(s) failed ({len(blocked)} not run because of them):\n{lines}")
     return timings
+
+
+class StageConfigChanged(ValueError):
+    """Finished stages whose recorded config differs from the planned one (reusing them would mislabel a run)."""
+
+
+def check_reused_configs(stages: Sequence, out: Path) -> None:
+    """Refuse to reuse a finished stage whose `<out>/configs/<name>.yaml` (the config it ran with) differs from the
+    planned config: a demo re-run with another precision, iteration count or grid would otherwise report the old
+    stages under the new settings. A finished stage without a recorded config is reused as before."""
+    import yaml
+
+    changed = []
+    for s in stages:
+        recorded = Path(out) / "configs" / f"{s.name}.yaml"
+        if not s.output.exists() or not recorded.exists():
+            continue
+        try:
+            before = yaml.safe_load(recorded.read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # unreadable: the stage's output is what counts, as before configs were recorded
+        # Through YAML both ways, so tuples and lists (or int and float spellings) compare as they are written.
+        now = yaml.safe_load(yaml.safe_dump(s.config, sort_keys=False))
+        diffs = _differences(before, now)
+        if diffs:
+            changed.append(f"{s.name} ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''})")
+    if changed:
+        raise StageConfigChanged(
+            f"{len(changed)} finished stage(s) in {out} ran with another config than planned now: "
+            f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}; pass --force to rerun them, or choose "
+            "another output folder")
+
+
+def _differences(before, now, path: str = "") -> list[str]:
+    """Dotted keys where two parsed configs differ, with both values ("a.b: 1 -> 2")."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        out = []
+        for key in list(before) + [k for k in now if k not in before]:
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in now:
+                out.append(f"{sub}: {before[key]!r} -> (absent)")
+            elif key not in before:
+                out.append(f"{sub}: (absent) -> {now[key]!r}")
+            else:
+                out += _differences(before[key], now[key], sub)
+        return out
+    return [] if before == now else [f"{path}: {before!r} -> {now!r}"]
 
 
 def _dependant_counts(stages: Sequence) -> dict[str, int]:
