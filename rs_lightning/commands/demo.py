@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from rs_lightning.commands.messages import OneLineParser, fail, os_error
+from rs_lightning.demo.pipeline import PRECISIONS
 from rs_lightning.soup.atomic import atomic_file
 
 FAMILIES = ("text", "captioning")
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the complete method offline, R times independently: per replicate the shared init, one "
                     "expert per reward, MORL at mu = 0.5, and the front sweep over the lambda grid (lambda = weight "
                     "of the SECOND expert) on validation and test images; then a report whose every figure has a "
-                    "95 %% interval (bootstrap over test examples within a replicate, Student t across replicates).",
+                    "95 % interval (bootstrap over test examples within a replicate, Student t across replicates).",
         epilog="Outputs: <out>/<task>/rep<r>/front/{front.jsonl,summary.json,front.png}, "
                "<out>/<task>/report.{json,md}; each stage's config is in <out>/<task>/configs/ (re-run one "
                "with rs fit --config ...) and its log in <out>/<task>/logs/. Exit status: 0 done; 2 bad "
@@ -42,21 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
                "(nothing started); 1 a stage or a write failed.",
     )
     p.add_argument("--task", choices=FAMILIES, default="captioning",
-                   help="task family (default: captioning, the one whose replicated run fits in 12 minutes on 2 cores)")
+                   help="task family (default: captioning; each family's replicated run fits in 15 minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--replicates", type=int, default=3,
                    help="independent replicates, each with its own init, seeds, experts, MORL and sweep (default: 3, "
                         "the fewest whose Student-t interval across replicates is informative: t = 4.3 at 2 degrees "
                         "of freedom, 12.7 at 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of replicate 0; replicate r uses seed + r (default: 0)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations per run (default: the config's)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="training iterations per run (default: the family's recipe: text 10 PPO iterations, "
+                        "captioning its SCST epochs)")
     p.add_argument("--points", type=int, default=None,
                    help="lambda values in the sweep, >= 2 (default: the family's: captioning 11, text 6, i.e. steps "
-                        "of 0.2, which keeps the replicated text run within 15 minutes on 2 cores)")
+                        "of 0.2, which keeps the replicated text run well within 15 minutes on 2 cores)")
     p.add_argument("--threads", type=int, default=1, help="threads per stage process (default: 1)")
     p.add_argument("--workers", type=int, default=None,
                    help="stages run at once (default: CPU cores // threads)")
-    p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="Lightning precision of every training and of the sweep (default: the family's: text "
                         "bf16-mixed, measured 1.6x faster per PPO iteration than fp32 on a CPU with AMX; captioning "
                         "32-true). On a CPU without native bf16 (AVX512-BF16 or AMX) pass 32-true")
@@ -127,22 +130,20 @@ def planned_stages(args, out: Path) -> tuple[list, dict]:
         from rs_lightning.demo import text as family
     else:
         from rs_lightning.demo import captioning as family
-    from rs_lightning.demo.pipeline import set_precision
-
     profile = "quick" if args.quick else "default"
     settings = {"task": args.task, "profile": profile, "replicates": args.replicates, "seed": args.seed,
                 "points": args.points or family.POINTS, "rewards": list(args.rewards or family.REWARDS),
                 "precision": args.precision or family.PRECISION}
     stages = family.plan(out, replicates=args.replicates, seed=args.seed, profile=profile,
-                         iterations=args.iterations, points=settings["points"], rewards=settings["rewards"])
-    set_precision(stages, settings["precision"])
+                         iterations=args.iterations, points=settings["points"], rewards=settings["rewards"],
+                         precision=settings["precision"])
     return stages, settings
 
 
 def _run(args, out: Path) -> int:
     from rs_lightning.demo.pipeline import native_bf16_cpu
     from rs_lightning.demo.report import build_report, format_markdown, format_report
-    from rs_lightning.demo.runner import StageFailed, default_workers, run_stages
+    from rs_lightning.demo.runner import StageConfigChanged, StageFailed, default_workers, run_stages
 
     stages, settings = planned_stages(args, out)
     rewards, precision = settings["rewards"], settings["precision"]
@@ -161,6 +162,9 @@ def _run(args, out: Path) -> int:
     try:
         run_stages(stages, out, force=args.force, workers=workers, threads=args.threads,
                    log=lambda line: print(line, flush=True))
+    except StageConfigChanged as err:  # before anything ran: an output folder holding another recipe's stages
+        print(f"rs demo: {err}", file=sys.stderr)
+        return 2
     except StageFailed as err:
         print(f"rs demo: {err}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from rs_lightning.demo.pipeline import (
     front_section,
     replicate_stages,
     set_nested,
+    set_precision,
 )
 
 # The captioning demo's recorded numbers are fp32; its replicated run already fits its budget.
@@ -152,15 +153,17 @@ def _builders(out: Path, seed: int, profile: str, iterations: int | None, name: 
 
 
 def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "default", iterations: int | None = None,
-         points: int = 11, rewards: list[str] = REWARDS) -> list[Stage]:
+         points: int = POINTS, rewards: list[str] = REWARDS, precision: str = PRECISION) -> list[Stage]:
     """The stages of the captioning demo under `out` (`iterations` = SCST epochs here); replicate r in out/rep<r>.
-    `rewards`: 2 to 5 of PAPER_METRICS, one expert each (3 or more: the soups of a bounded simplex design)."""
+    `rewards`: 2 to 5 of PAPER_METRICS, one expert each (3 or more: the soups of a bounded simplex design);
+    `precision`: Lightning's, of every training and sweep."""
     stages = []
     for r in range(replicates):
         rep = out / f"rep{r}"
         init, train, front = _builders(rep, seed + r, profile, iterations, name=f"r{r}-init", rewards=rewards)
         init.replicate = r
         stages += replicate_stages(rep, r, seed + r, list(rewards), init, train, front, points)
+    set_precision(stages, precision)
     return stages
 
 

@@ -68,7 +68,11 @@ def set_precision(stages: list[Stage], precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for stage in stages:
-        stage.config.setdefault("trainer", {})["precision"] = precision
+        trainer = stage.config.setdefault("trainer", {})
+        # Lightning's default is 32-true: a config that leaves the key out stays as it was written (so its front's
+        # config hash, and a run recorded before this option, are unchanged).
+        if trainer.get("precision", "32-true") != precision:
+            trainer["precision"] = precision
 
 
 def native_bf16_cpu() -> bool:

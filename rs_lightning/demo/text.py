@@ -27,14 +27,16 @@ from rs_lightning.demo.pipeline import (
     front_section,
     replicate_stages,
     set_nested,
+    set_precision,
 )
 
 BASE_CONFIG = CONFIG_ROOT / "text" / "review.yaml"
 # bf16 autocast with each weight cast once (tasks/autocast_cache.py): 1.6x faster per PPO iteration than fp32 on a
 # CPU with AMX (benchmarks/RESULTS.md); `rs demo --precision 32-true` elsewhere.
 PRECISION = "bf16-mixed"
-# lambda in steps of 0.2: on 2 cores a text sweep point (32 validation + 32 test prompts) takes ~15 s, so 11 points
-# would add 6 stage-minutes to the replicated run's budget of 15 minutes (`rs demo --points 11` for the finer grid).
+# lambda in steps of 0.2 (plus the uniform soup): on 2 cores a text sweep point (32 validation + 32 test prompts)
+# takes ~15 s, and 11 points would add 4 soups to each replicate's sweep, about 3 stage-minutes in all, to a
+# replicated run measured at 11.3 min against a budget of 15 (`rs demo --points 11` for the paper's grid).
 POINTS = 6
 REWARDS = ["vader", "relevance"]
 # `rs demo --task text --rewards` takes 2 or 3 of these. "concise" pulls against the other two: LengthReward with
@@ -126,8 +128,9 @@ def export_init(config_path: Path, target: Path) -> None:
 
 
 def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "default", iterations: int | None = None,
-         points: int = 11, rewards: list[str] = REWARDS) -> list[Stage]:
-    """The stages of the text demo under `out`; replicate r in out/rep<r>. `rewards`: 2 or 3 of TEXT_METRICS."""
+         points: int = POINTS, rewards: list[str] = REWARDS, precision: str = PRECISION) -> list[Stage]:
+    """The stages of the text demo under `out`; replicate r in out/rep<r>. `rewards`: 2 or 3 of TEXT_METRICS;
+    `precision`: Lightning's, of every training and sweep."""
     rewards = list(rewards)
     base = base_config(profile, iterations, rewards)
     first = [1.0] + [0.0] * (len(rewards) - 1)
@@ -149,6 +152,7 @@ def plan(out: Path, *, replicates: int = 3, seed: int = 0, profile: str = "defau
         # so the soups' front meets a MORL front, not one point; two rewards: MORL at mu = 0.5 only.
         morl = default_preferences(len(rewards)) if len(rewards) >= 3 else None
         stages += replicate_stages(rep, r, s, rewards, init, train, front, points, morl_preferences=morl)
+    set_precision(stages, precision)
     return stages
 
 
