@@ -49,6 +49,8 @@ def test_half_precision_on_cpu_reads_autocast_and_weights():
     assert not half_precision_on_cpu(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert half_precision_on_cpu(model)
+        # Inputs elsewhere (FSDP's CPU offload keeps parameters here and computes on the GPU): not a CPU forward.
+        assert not half_precision_on_cpu(model, "cuda")
     assert half_precision_on_cpu(tiny_llama(torch.bfloat16))
     assert not half_precision_on_cpu(torch.nn.Module())  # no parameters: nothing to decide
 
@@ -81,9 +83,9 @@ def test_math_backend_gradients_as_close_to_float64_as_flash():
         err_math = float((math[name] - ref).abs().max() / scale)
         err_flash = float((flash[name] - ref).abs().max() / scale)
         # bf16 rounding (2^-8 relative) through two layers: both backends within a few per cent of float64, and
-        # the math backend no further from it than flash by more than the rounding itself.
+        # the math backend about as far from it as flash.
         assert err_math < 0.05, (name, err_math)
-        assert err_math <= err_flash + 0.02, (name, err_math, err_flash)
+        assert err_math <= 1.5 * err_flash + 1e-3, (name, err_math, err_flash)
 
 
 def test_full_precision_forward_untouched():

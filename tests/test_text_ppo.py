@@ -859,3 +859,20 @@ def test_bf16_mixed_training_same_with_and_without_cast_once(tiny, tmp_path, mon
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in plain.values())  # it trained
     for key in plain:
         assert torch.equal(cast_once[key], plain[key]), key
+
+
+@pytest.mark.parametrize("precision, flash_backward", [("bf16-mixed", False), ("32-true", True)])
+def test_ppo_minibatch_backward_uses_math_attention_under_bf16_mixed(tiny, tmp_path, precision, flash_backward):
+    """Under Lightning's bf16-mixed on CPU the differentiated mini-batch forward runs PyTorch's math attention
+    (tasks/cpu_attention.py), whose bf16 backward is the faster one; the rollouts keep flash. fp32 is unchanged."""
+    from torch.profiler import ProfilerActivity, profile
+
+    L.seed_everything(0)
+    module = make_module(tiny)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        make_trainer(tmp_path, iterations=1, precision=precision).fit(module, make_data(tiny))
+    ops = {e.key for e in prof.key_averages() if "attention" in e.key}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, ops  # the rollout's no-grad decode
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops) is flash_backward, ops
+    if not flash_backward:
+        assert "aten::_scaled_dot_product_attention_math" in ops, ops

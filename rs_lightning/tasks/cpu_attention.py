@@ -4,8 +4,9 @@ Under bf16 (or fp16) on CPU, `F.scaled_dot_product_attention` picks PyTorch's CP
 backward is slow in half precision: on a SmolLM2-135M mini-batch's shape ([4, 9, 82, 64], one thread) forward +
 backward took 10.7 ms with it and 5.0 ms with the math backend, against 3.8 ms for flash in fp32 (medians,
 benchmarks/bench_cpu_attention.py). Both half precision backends land equally far from a float64 reference (max
-relative error 1e-2 on the output and on each gradient, the rounding of bf16 itself), so the choice changes the
-rounding, not the accuracy; the optimisation phase of a bf16-mixed PPO iteration at batch 16 went from 3.28 to
+error relative to the largest value, on the output and on the q, k, v gradients: flash 0.9-1.2e-2, math
+0.4-1.3e-2, the rounding of bf16 itself; benchmarks/RESULTS.md), so the choice changes the rounding, not the
+accuracy; the optimisation phase of a bf16-mixed PPO iteration at batch 16 went from 3.28 to
 2.84-2.87 s (benchmarks/RESULTS.md, "PPO step throughput").
 
 Only the forwards whose backward will run (PPO's mini-batches) use it: a no-grad forward (rollouts, the reference
@@ -22,20 +23,29 @@ from torch import nn
 HALF = (torch.bfloat16, torch.float16)
 
 
-def half_precision_on_cpu(model: nn.Module) -> bool:
-    """Whether `model` computes in bf16/fp16 on CPU: under CPU autocast to a half dtype, or with half weights."""
+def half_precision_on_cpu(model: nn.Module, device: torch.device | str | None = None) -> bool:
+    """Whether `model` computes in bf16/fp16 on CPU: under CPU autocast to a half dtype, or with half weights.
+
+    `device`: where the forward's inputs are, i.e. where it computes (default: the first parameter's device). It
+    decides, not the parameters': FSDP with CPU offload keeps parameters on the CPU and computes on the GPU."""
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu":
+    if param is None:
+        return False
+    if torch.device(device if device is not None else param.device).type != "cpu":
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF:
         return True
     return param.dtype in HALF
 
 
-def attention_for_backward(model: nn.Module) -> contextlib.AbstractContextManager:
-    """A context for a forward of `model` that will be differentiated: the math SDPA backend where `model` runs in
-    half precision on CPU (see the module docstring), otherwise nothing changes."""
-    if not torch.is_grad_enabled() or not half_precision_on_cpu(model):
+def attention_for_backward(model: nn.Module,
+                           device: torch.device | str | None = None) -> contextlib.AbstractContextManager:
+    """A context for a forward of `model` on `device` that will be differentiated: the math SDPA backend where
+    `model` runs in half precision on CPU (see the module docstring), otherwise nothing changes.
+
+    The backend is chosen when the forward runs, and the backward follows it. (An activation-checkpointed forward
+    would recompute outside this context, with flash: keep the two consistent if checkpointing is ever added.)"""
+    if not torch.is_grad_enabled() or not half_precision_on_cpu(model, device):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -120,7 +120,7 @@ class PPOIteration:
             adv = advantages[idx]
             if ppo.whiten == "minibatch" and ppo.advantage == "gae":  # TRL 0.4: whiten inside each mini-batch
                 adv = rl.masked_whiten(adv, mask[idx]) if int(mask[idx].sum()) > 1 else adv
-            with attention_for_backward(self.policy):  # bf16 on CPU: the math kernel, whose backward is faster
+            with attention_for_backward(self.policy, mb.query_ids.device):  # bf16 on CPU: the math kernel
                 new = response_forward(self.policy, self.value_head, mb, with_entropy=True)
             if self.value_head is None:  # critic-free: the clipped policy loss alone
                 loss, mb_stats = rl.ppo_policy_loss(new["logprobs"], old["logprobs"][idx], adv, mask[idx],
