@@ -36,7 +36,7 @@ def inputs():
 
 
 def output_and_grads(qkv, grad, mask, backend, dtype):
-    q, k, v = (x.to(dtype).requires_grad_() for x in qkv)
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in qkv)
     with sdpa_kernel([backend]):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     (out.double() * grad).sum().backward()
@@ -52,7 +52,7 @@ def test_attention(benchmark, machine, passes, backend, dtype):
     measured = output_and_grads(qkv, grad, mask, BACKENDS[backend], DTYPES[dtype])
     errors = {name: float((m - r).abs().max() / r.abs().max())
               for name, m, r in zip(("out", "dq", "dk", "dv"), measured, reference)}
-    q, k, v = (x.to(DTYPES[dtype]).requires_grad_(passes != "forward") for x in qkv)
+    q, k, v = (x.detach().to(DTYPES[dtype]).requires_grad_(passes != "forward") for x in qkv)
 
     def step():
         with sdpa_kernel([BACKENDS[backend]]):
