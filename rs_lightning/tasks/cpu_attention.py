@@ -2,10 +2,10 @@
 
 Under bf16 (or fp16) on CPU, `F.scaled_dot_product_attention` picks PyTorch's CPU flash-attention kernel, whose
 backward is slow in half precision: on a SmolLM2-135M mini-batch's shape ([4, 9, 82, 64], one thread) forward +
-backward took 10.7 ms with it and 5.0 ms with the math backend, against 3.8 ms for flash in fp32 (medians,
-benchmarks/bench_cpu_attention.py). Both half precision backends land equally far from a float64 reference (max
-error relative to the largest value, on the output and on the q, k, v gradients: flash 0.9-1.2e-2, math
-0.4-1.3e-2, the rounding of bf16 itself; benchmarks/RESULTS.md), so the choice changes the rounding, not the
+backward took 9.6 ms with it and 4.6 ms with the math backend, against 3.4 ms for flash in fp32 (medians,
+benchmarks/bench_cpu_attention.py). Against a float64 reference the math backend is no less accurate (max error
+relative to the largest value, on the output and on the q, k, v gradients: flash 3.3e-3 to 8.9e-3, math 3.2e-3
+to 4.5e-3, the rounding of bf16 itself; benchmarks/RESULTS.md), so the choice changes the rounding, not the
 accuracy; the optimisation phase of a bf16-mixed PPO iteration at batch 16 went from 3.28 to
 2.84-2.87 s (benchmarks/RESULTS.md, "PPO step throughput").
 
