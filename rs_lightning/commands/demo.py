@@ -148,8 +148,8 @@ def _run(args, out: Path) -> int:
     stages, settings = planned_stages(args, out)
     rewards, precision = settings["rewards"], settings["precision"]
     if precision == "bf16-mixed" and not native_bf16_cpu():
-        print("rs demo: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16-mixed runs emulated and slower than "
-              "fp32; --precision 32-true is the faster choice here (the numbers differ from a bf16 run)", flush=True)
+        print("rs demo: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16-mixed may run slower than fp32 here; "
+              "--precision 32-true is likely faster (its numbers differ from a bf16 run's)", flush=True)
     if args.force:
         for s in stages:
             if s.kind == "front":

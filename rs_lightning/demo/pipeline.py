@@ -76,8 +76,8 @@ def set_precision(stages: list[Stage], precision: str) -> None:
 
 
 def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 matmuls are emulated and
-    slower than fp32."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 matmuls are converted in
+    software and may be slower than fp32 (not measured here)."""
     import torch
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
