@@ -140,14 +140,22 @@ def planned_stages(args, out: Path) -> tuple[list, dict]:
     return stages, settings
 
 
+def _native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 matmuls are converted in
+    software and may be slower than fp32 (not measured here)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def _run(args, out: Path) -> int:
-    from rs_lightning.demo.pipeline import native_bf16_cpu
     from rs_lightning.demo.report import build_report, format_markdown, format_report
     from rs_lightning.demo.runner import StageConfigChanged, StageFailed, default_workers, run_stages
 
     stages, settings = planned_stages(args, out)
     rewards, precision = settings["rewards"], settings["precision"]
-    if precision == "bf16-mixed" and not native_bf16_cpu():
+    if precision == "bf16-mixed" and not _native_bf16_cpu():
         print("rs demo: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16-mixed may run slower than fp32 here; "
               "--precision 32-true is likely faster (its numbers differ from a bf16 run's)", flush=True)
     if args.force:

@@ -75,15 +75,6 @@ def set_precision(stages: list[Stage], precision: str) -> None:
             trainer["precision"] = precision
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 matmuls are converted in
-    software and may be slower than fp32 (not measured here)."""
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 class NotASection(ValueError):
     """`set_nested` met a value that is not a mapping on the way: `keys` is the path to it."""
 
